@@ -1,0 +1,82 @@
+"""`GuardCallback`: the host boundary of `model.fit`.
+
+It reads the guard state once per batch end (the step itself never syncs with
+the host), raises `GuardError` for checks with policy "raise", logs new
+findings (once, then rate-limited) and adds the guard's figures to `logs`, so
+they show in Keras' progress bar.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+
+from guardedopt.optimizer import GuardedOptimizer
+
+
+def find_guard(optimizer) -> Optional[GuardedOptimizer]:
+    """The `GuardedOptimizer` in a chain of wrappers (e.g. a LossScaleOptimizer)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, GuardedOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        seen += 1
+    return None
+
+
+class GuardCallback(keras.callbacks.Callback):
+    """Surfaces what the `GuardedOptimizer` of the model found during `fit`.
+
+    Args:
+        log_dir: If set, TensorBoard summaries (guard counters, per-variable
+            effective step and gradient norm) are written there.
+        summary_every: Write summaries every N batches (int >= 1).
+        histograms: Also write histograms of the per-variable step ratios.
+
+    Raises:
+        ValueError: At `on_train_begin`, if the model's optimizer is not
+            guarded.
+    """
+
+    def __init__(self, log_dir: Optional[str] = None, summary_every: int = 100, histograms: bool = False):
+        super().__init__()
+        from guardedopt.validation import check_int
+
+        self.log_dir = log_dir
+        self.summary_every = check_int("summary_every", summary_every, minimum=1)
+        self.histograms = bool(histograms)
+        self._guard = None
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._guard = find_guard(getattr(self.model, "optimizer", None))
+        if self._guard is None:
+            raise ValueError(
+                "GuardCallback needs a model compiled with a GuardedOptimizer, e.g. "
+                "`model.compile(optimizer=guardedopt.GuardedOptimizer('adam'), ...)`. "
+                f"Received: optimizer={type(getattr(self.model, 'optimizer', None)).__name__}"
+            )
+        if self.log_dir:
+            from guardedopt import summaries
+
+            self._writer = summaries.SummaryWriter(self.log_dir, histograms=self.histograms)
+
+    def on_train_batch_end(self, batch, logs=None):
+        guard = self._guard
+        if guard is None or not guard.built:
+            return
+        state = guard._read_state()
+        if logs is not None:
+            logs["guard_skipped"] = int(state["skipped_steps_total"])
+        if self._writer is not None and int(state["guard_step"]) % self.summary_every == 0:
+            self._writer.write(guard, state)
+        if int(state["pending_raise"]):
+            guard.check()
+        elif int(state["event_count"].sum()) or guard._none_gradient_paths:
+            guard.report()  # logs new findings once, then rate-limited
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()

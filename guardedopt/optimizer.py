@@ -1,0 +1,1028 @@
+"""`GuardedOptimizer`: a transparent guard around any Keras 3 optimizer.
+
+Design in one paragraph. The inner optimizer's `apply` always runs, exactly as
+it would unguarded: no `cond` around it, so XLA fuses and rounds the update as
+it does for the bare optimizer, and no `merge_call` inside a `cond` breaks
+`tf.distribute` (keras#17429). Before the update the guard reads the gradients
+once (non-finite and all-zero flags, fused into the same pass under XLA) and
+keeps the pre-update values of the weights and of the inner optimizer's
+variables (XLA keeps the old buffers; no copy is made). After the update, a
+skipped step writes the old values back: `where(skip, old, new)` under XLA and
+in eager mode (the select fuses into the update's own loop when the decision is
+known before the update), a `cond` that runs only on skipped steps in a
+non-XLA graph. The measuring checks (effective step size) reduce the old and
+new values of each variable; `check_every` amortises them. All decisions and
+counters live in optimizer variables; the host reads them at boundaries
+(`GuardCallback`, `check()`, `report()`, the end of `fit`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from keras.src.utils import tracking
+
+from guardedopt import checks
+from guardedopt import findings as F
+from guardedopt.validation import IGNORE, RAISE, SKIP, WARN, check_float, check_int, check_policy
+
+# Rows of the per-variable event tables, in this order. Stable: they are saved.
+EVENT_ROWS = (
+    F.ZERO_GRADIENT,
+    F.NONFINITE_GRADIENT,
+    F.NONFINITE_WEIGHTS,
+    F.TINY_STEP,
+    F.LARGE_STEP,
+    "below_resolution",
+)
+_ROW = {code: i for i, code in enumerate(EVENT_ROWS)}
+# Rows of the consecutive-step table.
+STREAK_ROWS = (F.ZERO_GRADIENT, F.TINY_STEP, F.LARGE_STEP)
+_STREAK = {code: i for i, code in enumerate(STREAK_ROWS)}
+
+_STEP_POLICIES = (IGNORE, WARN, RAISE)  # checks that cannot usefully skip
+
+DEFAULTS = dict(
+    none_gradient=WARN,
+    zero_gradient=WARN,
+    nonfinite_gradient=SKIP,
+    nonfinite_weights=SKIP,
+    tiny_step=WARN,
+    large_step=WARN,
+    min_step=1e-6,
+    max_step=1.0,
+    step_epsilon=1e-3,
+    patience=10,
+    max_consecutive_skips=10,
+    check_every=1,
+    log_interval_seconds=60.0,
+)
+
+HINTS = {
+    F.NONE_GRADIENT: (
+        "these variables are not connected to the loss: check that they are used "
+        "in the forward pass, that no `tf.stop_gradient`/`.numpy()`/NumPy op breaks "
+        "the graph, and that the tape watches them"
+    ),
+    F.ZERO_GRADIENT: (
+        "the gradient is exactly 0: look for dead ReLUs (try LeakyReLU or a "
+        "smaller learning rate), `argmax`/`round`/`cast` or `stop_gradient` in the "
+        "loss path, or a loss that does not fit the output activation"
+    ),
+    F.NONFINITE_GRADIENT: (
+        "find the op that makes NaN/Inf: log/sqrt/division of 0, an overflowing "
+        "exp, NaN in the inputs or labels; lower the learning rate or add "
+        "`clipnorm`; in float16 use a LossScaleOptimizer"
+    ),
+    F.NONFINITE_WEIGHTS: (
+        "the update itself overflowed: lower the learning rate, add `clipnorm`, "
+        "raise the optimizer's `epsilon`, or keep the weights in float32"
+    ),
+    F.TINY_STEP: (
+        "the weights barely move: raise the learning rate (typical Adam: 1e-4..1e-2, "
+        "SGD: 1e-3..1e-1), check a learning-rate schedule that decayed to ~0, and "
+        "normalise the inputs"
+    ),
+    F.LARGE_STEP: (
+        "steps this large diverge: lower the learning rate, add warm-up or "
+        "`clipnorm`, and normalise the inputs"
+    ),
+}
+
+
+class GuardError(RuntimeError):
+    """Raised at a host boundary when a check with policy `"raise"` fired.
+
+    Attributes:
+        findings: The findings that caused it.
+        step: The guard step at which it fired.
+    """
+
+    def __init__(self, message: str, findings: Sequence[F.Finding] = (), step: int = 0):
+        super().__init__(message)
+        self.findings = list(findings)
+        self.step = step
+
+
+def _variable_path(variable) -> str:
+    return getattr(variable, "path", None) or variable.name
+
+
+def _unwrap_value(variable):
+    """The backend `tf.Variable` behind a Keras variable."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _in_xla_context() -> bool:
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        return False
+
+
+def _distributed() -> bool:
+    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
+def _assign_all(pairs):
+    """Assigns `value` to each `variable`, replica-safely under `tf.distribute`.
+
+    Under a strategy the guard state and model variables are mirrored; they are
+    updated through `extended.update` in a merge call, as Keras' own optimizer
+    does, with identical values on every replica.
+    """
+    if not pairs:
+        return
+    if not _distributed() or tf.distribute.in_cross_replica_context():
+        for variable, value in pairs:
+            _unwrap_value(variable).assign(tf.cast(value, variable.dtype))
+        return
+
+    def merge_fn(distribution, values):
+        for (variable, _), value in zip(pairs, values):
+            distribution.extended.update(
+                _unwrap_value(variable),
+                lambda var, val: var.assign(tf.cast(val, var.dtype)),
+                args=(value,),
+                group=False,
+            )
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        merge_fn, tf.distribute.get_strategy(), [value for _, value in pairs]
+    )
+
+
+def validate_options(**options) -> Dict[str, Any]:
+    """Validates the guard's options; returns them normalised.
+
+    Raises:
+        ValueError: Naming the argument, what is allowed and the value received.
+    """
+    valid = dict(
+        none_gradient=check_policy("none_gradient", options["none_gradient"], _STEP_POLICIES),
+        zero_gradient=check_policy("zero_gradient", options["zero_gradient"], _STEP_POLICIES),
+        nonfinite_gradient=check_policy("nonfinite_gradient", options["nonfinite_gradient"]),
+        nonfinite_weights=check_policy("nonfinite_weights", options["nonfinite_weights"]),
+        tiny_step=check_policy("tiny_step", options["tiny_step"], _STEP_POLICIES),
+        large_step=check_policy("large_step", options["large_step"], _STEP_POLICIES),
+        min_step=check_float("min_step", options["min_step"], minimum=0.0),
+        max_step=check_float("max_step", options["max_step"], minimum=0.0, min_inclusive=False),
+        step_epsilon=check_float(
+            "step_epsilon", options["step_epsilon"], minimum=0.0, min_inclusive=False
+        ),
+        patience=check_int("patience", options["patience"], minimum=1),
+        max_consecutive_skips=check_int(
+            "max_consecutive_skips", options["max_consecutive_skips"], minimum=1
+        ),
+        check_every=check_int("check_every", options["check_every"], minimum=1),
+        log_interval_seconds=check_float(
+            "log_interval_seconds", options["log_interval_seconds"], minimum=0.0
+        ),
+    )
+    if valid["max_step"] <= valid["min_step"]:
+        raise ValueError(
+            "`max_step` must be greater than `min_step`. Received: "
+            f"max_step={options['max_step']!r}, min_step={options['min_step']!r}"
+        )
+    return valid
+
+
+@keras.saving.register_keras_serializable(package="guardedopt")
+class GuardedOptimizer(keras.optimizers.Optimizer):
+    """Wraps any Keras optimizer and checks every step from inside the step.
+
+    With no fault present the weights and the inner optimizer's variables are
+    bit-identical to the unguarded optimizer's (eager and `tf.function`; under
+    XLA see the README's transparency table).
+
+    Args:
+        inner_optimizer: The optimizer to guard: an instance, a name such as
+            `"adam"`, or a config dict (anything `keras.optimizers.get` takes).
+        none_gradient: Policy for variables whose gradient is `None` (checked
+            at trace time): `"ignore"`, `"warn"` or `"raise"`. All gradients
+            `None` always raises `ValueError`.
+        zero_gradient: Policy for a gradient that is exactly 0 for `patience`
+            consecutive steps: `"ignore"`, `"warn"` or `"raise"`.
+        nonfinite_gradient: Policy for NaN/Inf in any gradient: `"ignore"`,
+            `"warn"` (apply anyway), `"skip"` (leave weights, slots and the
+            inner `iterations` untouched) or `"raise"`. After
+            `max_consecutive_skips` skipped steps in a row `"skip"` escalates
+            to `"raise"`.
+        nonfinite_weights: Policy for an update that turned finite weights into
+            NaN/Inf: `"ignore"`, `"warn"`, `"skip"` (restore weights and slots
+            exactly) or `"raise"`.
+        tiny_step: Policy for an effective step `‖Δw‖ / max(‖w‖, ε√n)` below
+            `min_step` for `patience` consecutive measured steps, including
+            updates below the weights' float resolution (`Δw == 0` while the
+            gradient is not 0): `"ignore"`, `"warn"` or `"raise"`.
+        large_step: Policy for an effective step above `max_step` for `patience`
+            consecutive measured steps: `"ignore"`, `"warn"` or `"raise"`.
+        min_step: Threshold of the tiny-step check (float >= 0).
+        max_step: Threshold of the large-step check (float > `min_step`).
+        step_epsilon: Root-mean-square floor ε of the weights in the
+            effective-step ratio (float > 0), so zero-initialised biases do not
+            divide by zero.
+        patience: Consecutive steps (measured steps for the step checks) before
+            the zero-gradient, tiny-step and large-step checks fire (int >= 1).
+        max_consecutive_skips: Skipped steps in a row after which `"skip"`
+            escalates to `"raise"` (int >= 1).
+        check_every: Run the measuring checks (tiny and large step) every N
+            steps (int >= 1). The non-finite and zero checks run every step.
+        log_interval_seconds: A finding is logged once, then again at most
+            once per this many seconds while it keeps happening (float >= 0).
+        class_weight: Automatic class weights (see `ClassBalancer`): `None`
+            (off), `"observe"` (count labels for the `class_imbalance` finding
+            only), `"auto"`/`"balanced"`, `"effective_number"`, or a
+            `ClassBalancer`. Labels reach it through `opt.weighted(loss)`.
+        name: Optional name.
+
+    Raises:
+        ValueError: If an argument is invalid, or `inner_optimizer` is itself a
+            `GuardedOptimizer`.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: Any = "adam",
+        *,
+        none_gradient: str = DEFAULTS["none_gradient"],
+        zero_gradient: str = DEFAULTS["zero_gradient"],
+        nonfinite_gradient: str = DEFAULTS["nonfinite_gradient"],
+        nonfinite_weights: str = DEFAULTS["nonfinite_weights"],
+        tiny_step: str = DEFAULTS["tiny_step"],
+        large_step: str = DEFAULTS["large_step"],
+        min_step: float = DEFAULTS["min_step"],
+        max_step: float = DEFAULTS["max_step"],
+        step_epsilon: float = DEFAULTS["step_epsilon"],
+        patience: int = DEFAULTS["patience"],
+        max_consecutive_skips: int = DEFAULTS["max_consecutive_skips"],
+        check_every: int = DEFAULTS["check_every"],
+        log_interval_seconds: float = DEFAULTS["log_interval_seconds"],
+        class_weight: Any = None,
+        name: Optional[str] = None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise ValueError(
+                "GuardedOptimizer does not take base-optimizer arguments "
+                f"{sorted(kwargs)}: set them on the inner optimizer, e.g. "
+                "`GuardedOptimizer(keras.optimizers.Adam(clipnorm=1.0))`."
+            )
+        inner = self._resolve_inner(inner_optimizer)
+        options = validate_options(
+            none_gradient=none_gradient, zero_gradient=zero_gradient,
+            nonfinite_gradient=nonfinite_gradient, nonfinite_weights=nonfinite_weights,
+            tiny_step=tiny_step, large_step=large_step, min_step=min_step,
+            max_step=max_step, step_epsilon=step_epsilon, patience=patience,
+            max_consecutive_skips=max_consecutive_skips, check_every=check_every,
+            log_interval_seconds=log_interval_seconds,
+        )
+        super().__init__(learning_rate=0.0, name=name)
+        for option, value in options.items():
+            setattr(self, option, value)
+        self.inner_optimizer = inner
+        self._set_class_balancer(class_weight)
+        self._none_gradient_paths: Dict[tuple, int] = {}
+        self._log_times: Dict[tuple, tuple] = {}
+        self._history: List[Dict[str, Any]] = []
+        self._variable_paths: List[str] = []
+        self._setup_findings: List[F.Finding] = []
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _resolve_inner(inner_optimizer):
+        if isinstance(inner_optimizer, GuardedOptimizer):
+            raise ValueError(
+                "`inner_optimizer` must not be a GuardedOptimizer: guarding a guard "
+                "checks every step twice. Received: "
+                f"inner_optimizer={inner_optimizer.__class__.__name__}"
+                f"(name={inner_optimizer.name!r})"
+            )
+        try:
+            inner = keras.optimizers.get(inner_optimizer)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                "`inner_optimizer` must be a keras.optimizers.Optimizer, an optimizer "
+                f"name or a config dict. Received: inner_optimizer={inner_optimizer!r} "
+                f"({error})"
+            ) from None
+        if not isinstance(inner, keras.optimizers.Optimizer):
+            raise ValueError(
+                "`inner_optimizer` must be a Keras 3 optimizer "
+                "(keras.optimizers.Optimizer). Received: "
+                f"inner_optimizer={type(inner).__name__}"
+            )
+        return inner
+
+    def _set_class_balancer(self, class_weight):
+        # Filled in by guardedopt.class_balance; kept optional so the core has
+        # no dependency on it.
+        self.class_weight = class_weight
+        self.class_balancer = None
+        if class_weight is None:
+            return
+        from guardedopt import class_balance
+
+        self.class_balancer = class_balance.balancer_from_option(class_weight)
+
+    @property
+    def _inner_is_loss_scale(self) -> bool:
+        return isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer)
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        """Builds the inner optimizer and the guard's state variables."""
+        if self.built:
+            return
+        var_list = list(var_list)
+        n = len(var_list)
+        self._variable_paths = [_variable_path(v) for v in var_list]
+        self._var_positions = {self._var_key(v): i for i, v in enumerate(var_list)}
+        self._var_sizes = [int(np.prod(v.shape)) for v in var_list]
+        self._var_dtypes = [str(v.dtype) for v in var_list]
+
+        def scalar(name, initial=0):
+            return self.add_variable(
+                shape=(), dtype="int64", initializer=keras.initializers.Constant(initial),
+                aggregation="none", name=name,
+            )
+
+        def table(name, shape, dtype, initial):
+            return self.add_variable(
+                shape=shape, dtype=dtype, initializer=keras.initializers.Constant(initial),
+                aggregation="none", name=name,
+            )
+
+        self.guard_step = scalar("guard_step")
+        self.skipped_steps_total = scalar("skipped_steps_total")
+        self.skipped_steps_consecutive = scalar("skipped_steps_consecutive")
+        self.last_good_step = scalar("last_good_step")
+        self.pending_raise = scalar("pending_raise")  # 0 = none, else 1 + event row
+        self.pending_raise_step = scalar("pending_raise_step")
+        self.loss_scale_overflow_steps = scalar("loss_scale_overflow_steps")
+        rows = len(EVENT_ROWS)
+        self.event_count = table("event_count", (rows, n), "int64", 0)
+        self.event_first_step = table("event_first_step", (rows, n), "int64", -1)
+        self.event_last_step = table("event_last_step", (rows, n), "int64", -1)
+        self.streak = table("streak", (len(STREAK_ROWS), n), "int64", 0)
+        self.last_step_ratio = table("last_step_ratio", (n,), "float32", -1.0)
+        self.last_gradient_norm = table("last_gradient_norm", (n,), "float32", -1.0)
+        self.extreme_step_ratio = table("extreme_step_ratio", (2, n), "float32", -1.0)
+        if self.class_balancer is not None and self.class_balancer.num_classes:
+            self.class_balancer.build(
+                self.class_balancer.num_classes, add_variable=self.add_variable
+            )
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        self._check_configuration(var_list)
+
+    def _check_configuration(self, var_list):
+        """Runs the optimizer configuration checks once, when built."""
+        try:
+            from guardedopt import hyperparams
+        except ImportError:  # pragma: no cover - module is part of the package
+            return
+        dtype = str(var_list[0].dtype) if var_list else "float32"
+        self._setup_findings = list(
+            hyperparams.check_hyperparameters(self.inner_optimizer, variable_dtype=dtype)
+        )
+        for finding in self._setup_findings:
+            self._log_once(finding, count=1)
+
+    # ------------------------------------------------------------- delegation
+    @property
+    def variables(self):
+        return self._variables[:] + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise ValueError(
+            "GuardedOptimizer does not support `stateless_apply`: on the TensorFlow "
+            "backend Keras itself rejects it (incompatible with tf.distribute). Use "
+            "`apply`/`apply_gradients`."
+        )
+
+    def apply_gradients(self, grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        if not grads_and_vars:
+            return self.iterations
+        grads, trainable_variables = zip(*grads_and_vars)
+        self.apply(grads, trainable_variables)
+        return self.iterations
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+        if self.built and tf.executing_eagerly():
+            self._log_summary()
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must "
+                    "already be built. Call `optimizer.build(trainable_variables)` first."
+                )
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if len(grads) != len(trainable_variables):
+            raise ValueError(
+                "`grads` and `trainable_variables` must have the same length. "
+                f"Received: {len(grads)} gradients for {len(trainable_variables)} "
+                "variables."
+            )
+        if not grads:
+            return
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        self._check_variables_are_known(trainable_variables)
+        pairs = self._drop_none_gradients(grads, trainable_variables)
+        grads = [g for g, _ in pairs]
+        variables = [v for _, v in pairs]
+        with keras.name_scope(self.name, caller=self):
+            self._guarded_step(grads, variables)
+        if tf.executing_eagerly():
+            # Eager steps are already synchronous, so the host can raise at once.
+            self.check()
+
+    def _check_variables_are_known(self, variables):
+        for v in variables:
+            if self._var_key(v) not in self._var_positions:
+                raise ValueError(
+                    f"Unknown variable {_variable_path(v)!r}: this GuardedOptimizer was "
+                    f"built for {len(self._var_positions)} other variables. One "
+                    "optimizer guards one model: create a new GuardedOptimizer for "
+                    "each model."
+                )
+
+    def _drop_none_gradients(self, grads, variables):
+        """Static None-gradient check; returns the (gradient, variable) pairs kept."""
+        missing = tuple(_variable_path(v) for g, v in zip(grads, variables) if g is None)
+        if len(missing) == len(variables):
+            raise ValueError(
+                f"No gradient for any of the {len(variables)} variables "
+                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): the "
+                "loss does not depend on them. Compute the loss from the model's output "
+                "inside the `tf.GradientTape` block (and pass `loss=` to `compile`)."
+            )
+        if missing and self.none_gradient != IGNORE:
+            self._none_gradient_paths.setdefault(missing, 0)
+            self._none_gradient_paths[missing] += 1
+            message = (
+                f"{len(missing)} of {len(variables)} variables got a None gradient "
+                f"(not connected to the loss): {', '.join(missing)}."
+            )
+            if self.none_gradient == RAISE:
+                raise ValueError(message + " Fix: " + HINTS[F.NONE_GRADIENT])
+            self._log_once(self._none_finding(missing), count=1)
+        return [(g, v) for g, v in zip(grads, variables) if g is not None]
+
+    def _none_finding(self, paths) -> F.Finding:
+        return F.Finding(
+            code=F.NONE_GRADIENT,
+            message=(
+                f"{len(paths)} variable(s) got a None gradient at trace time: "
+                f"{', '.join(paths)}; they are never updated."
+            ),
+            hint=HINTS[F.NONE_GRADIENT],
+            variables=paths,
+            value=float(len(paths)),
+            severity=F.ERROR if self.none_gradient == RAISE else F.WARNING,
+        )
+
+    def _measuring(self) -> bool:
+        return self.tiny_step != IGNORE or self.large_step != IGNORE
+
+    def _guarded_step(self, grads, variables):
+        n = len(self._variable_paths)
+        positions = [self._var_positions[self._var_key(v)] for v in variables]
+        present = tf.constant([i in set(positions) for i in range(n)], tf.bool)
+        step = self.guard_step + 1
+
+        # 1. Flags read from the gradients, before the update.
+        nonfinite_k = [checks.is_nonfinite(g) for g in grads]
+        zero_k = [checks.is_all_zero(g) for g in grads]
+        nonfinite_k, zero_k = self._agree_across_replicas(nonfinite_k, zero_k)
+        nonfinite = checks.scatter_to_slots(nonfinite_k, positions, n, False)
+        zero = checks.scatter_to_slots(zero_k, positions, n, False)
+        any_nonfinite = tf.reduce_any(nonfinite)
+        if self._inner_is_loss_scale:
+            # Overflow steps are the loss scaler's business: it skips them and
+            # halves its scale. Counting them as NaN bugs would be wrong, and
+            # undoing them would undo the scale change.
+            grad_skip = tf.constant(False)
+            overflow = any_nonfinite
+            nonfinite_event = tf.zeros_like(nonfinite)
+        else:
+            overflow = tf.constant(False)
+            grad_skip = any_nonfinite if self.nonfinite_gradient in (SKIP, RAISE) else tf.constant(False)
+            nonfinite_event = nonfinite if self.nonfinite_gradient != IGNORE else tf.zeros_like(nonfinite)
+
+        # 2. The update itself, exactly as unguarded.
+        weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
+        inner_vars = self.inner_optimizer.variables
+        inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
+        self.inner_optimizer.apply(grads, variables)
+
+        # 3. Checks on the result.
+        weights_new = [_unwrap_value(v).read_value() for v in variables]
+        if self.nonfinite_weights != IGNORE:
+            bad_k = [checks.is_nonfinite(w) for w in weights_new]
+            weights_bad = checks.scatter_to_slots(bad_k, positions, n, False)
+            weights_bad = tf.logical_and(weights_bad, tf.logical_not(any_nonfinite))
+        else:
+            weights_bad = tf.zeros([n], tf.bool)
+        any_weights_bad = tf.reduce_any(weights_bad)
+
+        zero_streak = checks.update_streak(self.streak[_STREAK[F.ZERO_GRADIENT]], zero, present)
+        zero_event = tf.logical_and(present, zero_streak >= self.patience)
+        if self.zero_gradient == IGNORE:
+            zero_event = tf.zeros_like(zero_event)
+
+        measured = self._measure(
+            step, grads, weights_old, weights_new, positions, present, zero,
+            tf.logical_or(grad_skip, any_nonfinite),
+        )
+
+        # 4. Decisions.
+        pending_before = self.pending_raise
+        raise_now = self._raise_code(
+            nonfinite_event, weights_bad, zero_event, measured["tiny_event"],
+            measured["large_event"],
+        )
+        skip = tf.logical_or(grad_skip, pending_before > 0)
+        skip = tf.logical_or(skip, raise_now > 0)
+        if self.nonfinite_weights in (SKIP, RAISE):
+            skip = tf.logical_or(skip, any_weights_bad)
+        self._restore(skip, list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)))
+
+        # 5. Counters.
+        consecutive = tf.where(skip, self.skipped_steps_consecutive + 1, tf.zeros([], tf.int64))
+        escalate = tf.logical_and(
+            tf.logical_and(skip, any_nonfinite),
+            consecutive >= self.max_consecutive_skips,
+        )
+        if self.nonfinite_gradient == SKIP and not self._inner_is_loss_scale:
+            raise_now = tf.where(
+                tf.logical_and(escalate, raise_now == 0),
+                tf.constant(1 + _ROW[F.NONFINITE_GRADIENT], tf.int64),
+                raise_now,
+            )
+        pending = tf.where(pending_before > 0, pending_before, raise_now)
+        pending_step = tf.where(
+            tf.logical_and(pending_before == 0, raise_now > 0), step, self.pending_raise_step
+        )
+        events = tf.stack(
+            [zero_event, nonfinite_event, weights_bad, measured["tiny_event"],
+             measured["large_event"], measured["below_resolution"]]
+        )
+        count, first, last = checks.record_events(
+            self.event_count, self.event_first_step, self.event_last_step, events, step
+        )
+        updates = [
+            (self.guard_step, step),
+            (self.skipped_steps_total, self.skipped_steps_total + tf.cast(skip, tf.int64)),
+            (self.skipped_steps_consecutive, consecutive),
+            (self.last_good_step, tf.where(skip, self.last_good_step, step)),
+            (self.pending_raise, pending),
+            (self.pending_raise_step, pending_step),
+            (self.loss_scale_overflow_steps,
+             self.loss_scale_overflow_steps + tf.cast(overflow, tf.int64)),
+            (self.event_count, count),
+            (self.event_first_step, first),
+            (self.event_last_step, last),
+            (self.streak, tf.stack([zero_streak, measured["tiny_streak"], measured["large_streak"]])),
+        ]
+        updates += measured["assignments"]
+        _assign_all(updates)
+
+    def _agree_across_replicas(self, nonfinite_k, zero_k):
+        """Makes every replica take the same decision.
+
+        Keras all-reduces the gradients inside the inner `apply`, so a NaN on one
+        replica reaches all of them. The flags are all-reduced here (one small
+        vector) so that each replica decides on the same facts: non-finite on
+        any replica, zero on all replicas.
+        """
+        if not _distributed() or not nonfinite_k:
+            return nonfinite_k, zero_k
+        k = len(nonfinite_k)
+        flags = tf.cast(tf.stack(nonfinite_k + [tf.logical_not(z) for z in zero_k]), tf.float32)
+        total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, flags)
+        nonfinite = total[:k] > 0
+        zero = tf.logical_not(total[k:] > 0)
+        return tf.unstack(nonfinite), tf.unstack(zero)
+
+    def _measure(self, step, grads, weights_old, weights_new, positions, present, zero, nonfinite_step):
+        """The effective-step checks (tiny, large, below resolution)."""
+        n = len(self._variable_paths)
+        no_events = tf.zeros([n], tf.bool)
+        tiny_streak_old = self.streak[_STREAK[F.TINY_STEP]]
+        large_streak_old = self.streak[_STREAK[F.LARGE_STEP]]
+        result = dict(
+            tiny_event=no_events, large_event=no_events, below_resolution=no_events,
+            tiny_streak=tiny_streak_old, large_streak=large_streak_old, assignments=[],
+        )
+        if not self._measuring():
+            return result
+
+        def measure_values():
+            ratios = [
+                checks.relative_step(old, new, self.step_epsilon)
+                for old, new in zip(weights_old, weights_new)
+            ]
+            norms = [checks.l2_norm(g) for g in grads]
+            unchanged = [tf.reduce_all(tf.equal(o, w)) for o, w in zip(weights_old, weights_new)]
+            return (
+                checks.scatter_to_slots(ratios, positions, n, -1.0),
+                checks.scatter_to_slots(norms, positions, n, -1.0),
+                checks.scatter_to_slots(unchanged, positions, n, False),
+            )
+
+        if self.check_every == 1:
+            measure_now = tf.constant(True)
+            ratio, norm, unchanged = measure_values()
+        else:
+            measure_now = tf.equal(step % self.check_every, 0)
+            ratio, norm, unchanged = tf.cond(
+                measure_now,
+                measure_values,
+                lambda: (tf.fill([n], -1.0), tf.fill([n], -1.0), tf.zeros([n], tf.bool)),
+            )
+        active = tf.logical_and(present, measure_now)
+        active = tf.logical_and(active, tf.logical_not(nonfinite_step))
+        # A zero gradient is reported by its own check; it is not a tiny step.
+        moving = tf.logical_and(active, tf.logical_not(zero))
+        below = tf.logical_and(moving, unchanged)
+        tiny_streak = checks.update_streak(tiny_streak_old, ratio < self.min_step, moving)
+        large_streak = checks.update_streak(large_streak_old, ratio > self.max_step, active)
+        tiny_event = tf.logical_and(moving, tiny_streak >= self.patience)
+        large_event = tf.logical_and(active, large_streak >= self.patience)
+        if self.tiny_step == IGNORE:
+            tiny_event = below = no_events
+        if self.large_step == IGNORE:
+            large_event = no_events
+        extreme = self.extreme_step_ratio
+        smallest = tf.where(
+            tf.logical_and(moving, tf.logical_or(extreme[0] < 0, ratio < extreme[0])), ratio, extreme[0]
+        )
+        largest = tf.where(tf.logical_and(active, ratio > extreme[1]), ratio, extreme[1])
+        result.update(
+            tiny_event=tiny_event, large_event=large_event, below_resolution=below,
+            tiny_streak=tiny_streak, large_streak=large_streak,
+            assignments=[
+                (self.last_step_ratio, tf.where(active, ratio, self.last_step_ratio)),
+                (self.last_gradient_norm, tf.where(active, norm, self.last_gradient_norm)),
+                (self.extreme_step_ratio, tf.stack([smallest, largest])),
+            ],
+        )
+        return result
+
+    def _raise_code(self, nonfinite, weights_bad, zero, tiny, large):
+        """1 + event row of the first check whose policy is "raise" and that fired."""
+        code = tf.zeros([], tf.int64)
+        ordered = [
+            (self.nonfinite_gradient, F.NONFINITE_GRADIENT, nonfinite),
+            (self.nonfinite_weights, F.NONFINITE_WEIGHTS, weights_bad),
+            (self.zero_gradient, F.ZERO_GRADIENT, zero),
+            (self.tiny_step, F.TINY_STEP, tiny),
+            (self.large_step, F.LARGE_STEP, large),
+        ]
+        for policy, row_code, fired in reversed(ordered):
+            if policy == RAISE and not (
+                row_code == F.NONFINITE_GRADIENT and self._inner_is_loss_scale
+            ):
+                code = tf.where(tf.reduce_any(fired), tf.constant(1 + _ROW[row_code], tf.int64), code)
+        return code
+
+    def _restore(self, skip, snapshot):
+        """Writes the pre-update values back when `skip` holds.
+
+        Under XLA (and eagerly) a select: when `skip` is known before the update
+        it fuses into the update's own loop, so a guarded step costs no extra
+        pass over the weights. In a non-XLA graph a `cond` that only runs on
+        skipped steps is cheaper than a select over every variable.
+        """
+        pairs = [(v, old) for v, old in snapshot]
+        if _in_xla_context() or tf.executing_eagerly() or _distributed():
+            _assign_all([(v, tf.where(skip, old, _unwrap_value(v).read_value())) for v, old in pairs])
+            return
+
+        def restore():
+            _assign_all(pairs)
+            return tf.constant(True)
+
+        tf.cond(skip, restore, lambda: tf.constant(False))
+
+    # ------------------------------------------------------------- host side
+    def _read_state(self) -> Dict[str, np.ndarray]:
+        """Reads the guard state once (a host boundary) and extends the history."""
+        names = (
+            "guard_step", "skipped_steps_total", "skipped_steps_consecutive",
+            "last_good_step", "pending_raise", "pending_raise_step",
+            "loss_scale_overflow_steps", "event_count", "event_first_step",
+            "event_last_step", "streak", "last_step_ratio", "last_gradient_norm",
+            "extreme_step_ratio",
+        )
+        state = {name: keras.ops.convert_to_numpy(getattr(self, name)) for name in names}
+        step = int(state["guard_step"])
+        if not self._history or self._history[-1]["step"] < step:
+            nonfinite_row = state["event_last_step"][_ROW[F.NONFINITE_GRADIENT]]
+            self._history.append(
+                dict(
+                    step=step,
+                    step_ratio=np.where(state["last_step_ratio"] < 0, np.nan, state["last_step_ratio"]),
+                    grad_norm=np.where(state["last_gradient_norm"] < 0, np.nan, state["last_gradient_norm"]),
+                    skipped=int(state["skipped_steps_total"]),
+                    nonfinite=bool((nonfinite_row == step).any()),
+                )
+            )
+        return state
+
+    def check(self) -> None:
+        """Raises `GuardError` if a check with policy "raise" fired.
+
+        Call it at a host boundary of a custom loop (e.g. every N steps or once
+        per epoch); `GuardCallback` calls it after every batch of `fit`. It
+        clears the pending raise, so training can continue if the caller
+        catches the error.
+
+        Raises:
+            GuardError: With the step, the check, the variables and values.
+        """
+        if not self.built:
+            return
+        pending = int(keras.ops.convert_to_numpy(self.pending_raise))
+        if pending == 0:
+            return
+        report = self.report()
+        code = EVENT_ROWS[pending - 1]
+        step = int(keras.ops.convert_to_numpy(self.pending_raise_step))
+        related = report.by_code(code)
+        self.pending_raise.assign(0)
+        detail = " ".join(str(f) for f in related) or f"check {code} fired."
+        escalated = (
+            code == F.NONFINITE_GRADIENT and self.nonfinite_gradient == SKIP
+        )
+        reason = (
+            f"{self.max_consecutive_skips} consecutive steps were skipped for "
+            "non-finite gradients (policy 'skip' escalates to 'raise')"
+            if escalated
+            else f"check {code!r} has policy 'raise'"
+        )
+        raise GuardError(
+            f"GuardedOptimizer stopped training at step {step}: {reason}. The "
+            f"faulty step was not applied. {detail}",
+            findings=related,
+            step=step,
+        )
+
+    def report(self) -> F.Report:
+        """The findings so far, read from the guard state (a host boundary).
+
+        New findings are also logged through absl logging (once, then
+        rate-limited).
+
+        Returns:
+            A `Report`.
+        """
+        findings = list(self._setup_findings)
+        findings += [self._none_finding(paths) for paths in self._none_gradient_paths]
+        stats: Dict[str, Any] = dict(
+            variable_paths=list(self._variable_paths),
+            min_step=self.min_step,
+            max_step=self.max_step,
+        )
+        if not self.built:
+            return F.Report(findings=findings, stats=stats)
+        state = self._read_state()
+        findings += self._step_findings(state)
+        if self.class_balancer is not None and self.class_balancer.built:
+            findings += self.class_balancer.findings(step=int(state["guard_step"]))
+            stats["class_weights"] = self.class_balancer.class_weights()
+        stats["history"] = self._history_arrays()
+        stats["loss_scale_overflow_steps"] = int(state["loss_scale_overflow_steps"])
+        stats["last_good_step"] = int(state["last_good_step"])
+        for finding in findings:
+            self._log_once(finding, count=finding.count)
+        return F.Report(
+            findings=findings,
+            steps=int(state["guard_step"]),
+            skipped_steps=int(state["skipped_steps_total"]),
+            stats=stats,
+        )
+
+    def plot(self, path: str) -> str:
+        """Writes the report's picture to `path` (see `Report.plot`)."""
+        return self.report().plot(path)
+
+    def _history_arrays(self) -> Dict[str, np.ndarray]:
+        n = len(self._variable_paths)
+        rows = self._history
+        return dict(
+            step=np.array([r["step"] for r in rows], np.int64),
+            step_ratio=np.array([r["step_ratio"] for r in rows], np.float32).reshape(-1, n),
+            grad_norm=np.array([r["grad_norm"] for r in rows], np.float32).reshape(-1, n),
+            skipped=np.array([r["skipped"] for r in rows], np.int64),
+            nonfinite=np.array([r["nonfinite"] for r in rows], bool),
+        )
+
+    def _learning_rate_value(self) -> Optional[float]:
+        try:
+            return float(keras.ops.convert_to_numpy(self.learning_rate))
+        except (TypeError, ValueError):
+            return None
+
+    def _step_findings(self, state) -> List[F.Finding]:
+        result = []
+        lr = self._learning_rate_value()
+        lr_text = f" (learning rate {lr:.3g})" if lr is not None else ""
+        paths = np.array(self._variable_paths, dtype=object)
+        count, first, last = state["event_count"], state["event_first_step"], state["event_last_step"]
+
+        def rows_for(code):
+            row = _ROW[code]
+            hit = count[row] > 0
+            return row, hit, list(paths[hit])
+
+        for code in (F.NONFINITE_GRADIENT, F.NONFINITE_WEIGHTS, F.ZERO_GRADIENT, F.TINY_STEP, F.LARGE_STEP):
+            row, hit, names = rows_for(code)
+            if not names:
+                continue
+            steps = int(count[row][hit].max())
+            first_step, last_step = int(first[row][hit].min()), int(last[row][hit].max())
+            value, threshold, message = self._describe(code, state, hit, names, steps, lr_text)
+            policy = self._policy_for(code)
+            result.append(
+                F.Finding(
+                    code=code,
+                    message=f"{message} First seen at step {first_step}, last at step {last_step}.",
+                    hint=HINTS[code],
+                    variables=tuple(names),
+                    first_step=first_step,
+                    last_step=last_step,
+                    value=value,
+                    threshold=threshold,
+                    severity=F.ERROR if policy in (SKIP, RAISE) or code.startswith("nonfinite") else F.WARNING,
+                    count=steps,
+                    details=self._details(code, state, hit, count),
+                )
+            )
+        return result
+
+    def _policy_for(self, code):
+        return {
+            F.NONFINITE_GRADIENT: self.nonfinite_gradient,
+            F.NONFINITE_WEIGHTS: self.nonfinite_weights,
+            F.ZERO_GRADIENT: self.zero_gradient,
+            F.TINY_STEP: self.tiny_step,
+            F.LARGE_STEP: self.large_step,
+        }[code]
+
+    def _details(self, code, state, hit, count):
+        details = {}
+        if code == F.TINY_STEP:
+            below = count[_ROW["below_resolution"]][hit]
+            details["below_resolution_steps"] = dict(zip(np.array(self._variable_paths)[hit], below.tolist()))
+        return details
+
+    def _describe(self, code, state, hit, names, steps, lr_text):
+        who = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        if code == F.NONFINITE_GRADIENT:
+            action = {SKIP: "skipped", RAISE: "stopped", WARN: "applied anyway", IGNORE: ""}[
+                self.nonfinite_gradient
+            ]
+            return (float(steps), None,
+                    f"NaN/Inf gradient for {who} on {steps} step(s); the step was {action}.")
+        if code == F.NONFINITE_WEIGHTS:
+            action = "restored" if self.nonfinite_weights in (SKIP, RAISE) else "left as they are"
+            return (float(steps), None,
+                    f"The update turned finite weights of {who} into NaN/Inf on {steps} "
+                    f"step(s){lr_text}; the weights were {action}.")
+        if code == F.ZERO_GRADIENT:
+            return (float(self.patience + steps - 1), float(self.patience),
+                    f"The gradient of {who} was exactly 0 for at least {self.patience} "
+                    "consecutive steps.")
+        if code == F.TINY_STEP:
+            ratio = float(state["extreme_step_ratio"][0][hit].min())
+            below = int(state["event_count"][_ROW["below_resolution"]][hit].max())
+            resolution = (
+                f" On {below} step(s) the weights did not change at all although the "
+                f"gradient was not 0: the update is below the {self._var_dtypes[int(np.argmax(hit))]} "
+                "resolution of the weights."
+                if below
+                else ""
+            )
+            return (ratio, self.min_step,
+                    f"The effective step ‖Δw‖/‖w‖ of {who} stayed below min_step="
+                    f"{self.min_step:g} for {self.patience}+ measured steps (smallest "
+                    f"{ratio:.3g}){lr_text}.{resolution}")
+        ratio = float(state["extreme_step_ratio"][1][hit].max())
+        return (ratio, self.max_step,
+                f"The effective step ‖Δw‖/‖w‖ of {who} stayed above max_step="
+                f"{self.max_step:g} for {self.patience}+ measured steps (largest "
+                f"{ratio:.3g}){lr_text}: training may diverge.")
+
+    def _log_once(self, finding: F.Finding, count: int) -> None:
+        """Logs a finding once, then at most once per `log_interval_seconds`."""
+        key = (finding.code, finding.variables)
+        now = time.monotonic()
+        logged = self._log_times.get(key)
+        if logged is None:
+            self._log_times[key] = (now, count)
+            log = logging.error if finding.severity == F.ERROR else logging.warning
+            log("guardedopt: %s", finding)
+            return
+        last_time, last_count = logged
+        if count > last_count and now - last_time >= self.log_interval_seconds:
+            self._log_times[key] = (now, count)
+            logging.warning(
+                "guardedopt: [%s] still happening for %s (%d steps so far).",
+                finding.code, ", ".join(finding.variables) or "the optimizer", count,
+            )
+
+    def _log_summary(self) -> None:
+        report = self.report()
+        if report.findings:
+            logging.warning(
+                "guardedopt summary after %d steps (%d skipped): %s. Call "
+                "`optimizer.report()` for details and fixes.",
+                report.steps, report.skipped_steps,
+                "; ".join(f"{f.code} ({len(f.variables)} variable(s))" for f in report.findings),
+            )
+
+    # ---------------------------------------------------------- class weights
+    def weighted(self, loss):
+        """Wraps `loss` so the labels feed the guard's class balancer.
+
+        Args:
+            loss: A Keras loss (instance, name or function).
+
+        Returns:
+            A `keras.losses.Loss` that weights each sample by its class weight.
+
+        Raises:
+            ValueError: If the guard was built without `class_weight`.
+        """
+        if self.class_balancer is None:
+            raise ValueError(
+                "`weighted()` needs class weights: construct the guard with "
+                "`class_weight='auto'` (or 'observe' to only count labels). "
+                "Received: class_weight=None"
+            )
+        return self.class_balancer.weighted(loss, add_variable=self._balancer_variable_factory())
+
+    def _balancer_variable_factory(self):
+        return self.add_variable
+
+    # ---------------------------------------------------------- serialization
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+        }
+        for option in DEFAULTS:
+            config[option] = getattr(self, option)
+        if self.class_balancer is not None:
+            config["class_weight"] = keras.saving.serialize_keras_object(self.class_balancer)
+        else:
+            config["class_weight"] = None
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        class_weight = config.pop("class_weight", None)
+        if isinstance(class_weight, dict):
+            class_weight = keras.saving.deserialize_keras_object(
+                class_weight, custom_objects=custom_objects
+            )
+        return cls(inner, class_weight=class_weight, **config)
