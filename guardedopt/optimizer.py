@@ -337,12 +337,23 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _inner_is_loss_scale(self) -> bool:
         return isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer)
 
-    @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
         """Builds the inner optimizer and the guard's state variables."""
         if self.built:
             return
         var_list = list(var_list)
+        # The inner build runs with attribute tracking on: optimizers such as
+        # Nadam and Adafactor track variables they assign to attributes, and
+        # building them inside `no_automatic_dependency_tracking` (as Keras'
+        # LossScaleOptimizer does) loses those variables from `variables`.
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        self._build_guard_state(var_list)
+        super().build(var_list)
+        self._check_configuration(var_list)
+
+    @tracking.no_automatic_dependency_tracking
+    def _build_guard_state(self, var_list):
         n = len(var_list)
         self._variable_paths = [_variable_path(v) for v in var_list]
         self._var_positions = {self._var_key(v): i for i, v in enumerate(var_list)}
@@ -380,11 +391,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self.class_balancer.build(
                 self.class_balancer.num_classes, add_variable=self.add_variable
             )
-        if not self.inner_optimizer.built:
-            self.inner_optimizer.build(var_list)
-        super().build(var_list)
-        self._check_configuration(var_list)
 
+    @tf.autograph.experimental.do_not_convert
     def _check_configuration(self, var_list):
         """Runs the optimizer configuration checks once, when built."""
         try:
@@ -392,9 +400,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         except ImportError:  # pragma: no cover - module is part of the package
             return
         dtype = str(var_list[0].dtype) if var_list else "float32"
-        self._setup_findings = list(
-            hyperparams.check_hyperparameters(self.inner_optimizer, variable_dtype=dtype)
-        )
+        # Build may run inside a trace; the checks read hyperparameter values,
+        # so they run eagerly, once, outside the compiled step.
+        with tf.init_scope():
+            self._setup_findings = list(
+                hyperparams.check_hyperparameters(self.inner_optimizer, variable_dtype=dtype)
+            )
         for finding in self._setup_findings:
             self._log_once(finding, count=1)
 
