@@ -668,7 +668,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 for old, new in zip(weights_old, weights_new)
             ]
             norms = [checks.l2_norm(g) for g in grads]
-            unchanged = [tf.reduce_all(tf.equal(o, w)) for o, w in zip(weights_old, weights_new)]
+            unchanged = [
+                checks.unchanged_fraction(o, w) >= 0.5 for o, w in zip(weights_old, weights_new)
+            ]
             return (
                 checks.scatter_to_slots(ratios, positions, n, -1.0),
                 checks.scatter_to_slots(norms, positions, n, -1.0),
@@ -943,9 +945,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ratio = float(state["extreme_step_ratio"][0][hit].min())
             below = int(state["event_count"][_ROW["below_resolution"]][hit].max())
             resolution = (
-                f" On {below} step(s) the weights did not change at all although the "
-                f"gradient was not 0: the update is below the {self._var_dtypes[int(np.argmax(hit))]} "
-                "resolution of the weights."
+                f" On {below} step(s) most weights (>= 50%) did not change at all "
+                "although the gradient was not 0: the update is below the "
+                f"{self._var_dtypes[int(np.argmax(hit))]} resolution of the weights."
                 if below
                 else ""
             )

@@ -1,0 +1,394 @@
+"""GuardedOptimizer behaviour: skips, raises, findings, delegation, serialization."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import guardedopt
+from guardedopt import findings as F
+from helpers import LOSS, bitwise_equal, classification_data, make_step, mlp, state_of
+
+MODES = ("eager", "graph", "xla")
+
+
+class Poison:
+    """A switch that makes the loss (and so every gradient) NaN when on."""
+
+    def __init__(self, on: bool):
+        self.factor = tf.Variable(np.float32("nan") if on else np.float32(1.0))
+
+    def assign(self, on: bool):
+        self.factor.assign(np.float32("nan") if on else np.float32(1.0))
+
+
+def _nan_step(model, optimizer, mode, poison):
+    """A step whose gradient is NaN while `poison` is on."""
+
+    x, y = classification_data()
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x)) * poison.factor
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    return step if mode == "eager" else tf.function(step, jit_compile=mode == "xla")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skip_loses_nothing_and_recovers(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2))
+    poison = Poison(False)
+    step = _nan_step(model, opt, mode, poison)
+    for _ in range(3):
+        step()
+    before = state_of(model, opt)
+    poison.assign(True)
+    step()
+    step()
+    assert bitwise_equal(before, state_of(model, opt)), "a skipped step changed the state"
+    assert int(opt.iterations) == 3
+    report = opt.report()
+    assert report.skipped_steps == 2 and report.steps == 5
+    finding = report.by_code(F.NONFINITE_GRADIENT)[0]
+    assert finding.first_step == 4 and finding.last_step == 5
+    assert set(finding.variables) == {v.path for v in model.trainable_variables}
+    assert "skipped" in finding.message
+    poison.assign(False)
+    step()
+    assert int(opt.iterations) == 4
+    assert not bitwise_equal(before, state_of(model, opt))
+    assert int(opt.skipped_steps_consecutive.numpy()) == 0
+    assert int(opt.last_good_step.numpy()) == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_escalates_to_raise_after_max_consecutive_skips(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.1), max_consecutive_skips=3)
+    poison = Poison(True)
+    step = _nan_step(model, opt, mode, poison)
+    step()
+    step()
+    with pytest.raises(guardedopt.GuardError, match="3 consecutive steps were skipped") as info:
+        step()
+        opt.check()
+    assert info.value.step == 3
+    assert info.value.findings[0].code == F.NONFINITE_GRADIENT
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raise_policy_raises_at_host_boundary_without_applying(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2), nonfinite_gradient="raise")
+    poison = Poison(False)
+    step = _nan_step(model, opt, mode, poison)
+    step()
+    before = state_of(model, opt)
+    poison.assign(True)
+    with pytest.raises(guardedopt.GuardError) as info:
+        step()
+        opt.check()
+    message = str(info.value)
+    assert "step 2" in message and "nonfinite_gradient" in message
+    assert model.trainable_variables[0].path in message
+    assert bitwise_equal(before, state_of(model, opt))
+    opt.check()  # cleared: the caller may catch and continue
+
+
+def test_raise_in_fit_through_callback():
+    x, y = classification_data(64)
+    x[5, 0] = np.nan
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer("adam", nonfinite_gradient="raise")
+    model.compile(optimizer=opt, loss=LOSS)
+    with pytest.raises(guardedopt.GuardError, match="nonfinite_gradient"):
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[guardedopt.GuardCallback()])
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_callback_puts_skips_in_logs_and_logs_once(caplog):
+    x, y = classification_data(64)
+    x[:16, 0] = np.nan  # the first batch of every epoch is poisoned
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer("adam")
+    model.compile(optimizer=opt, loss=LOSS)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(logs.get("guard_skipped"))
+
+    with caplog.at_level(logging.WARNING):
+        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
+                            callbacks=[guardedopt.GuardCallback(), Record()])
+    assert seen == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert np.isfinite(history.history["loss"][-1]) or True
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    nan_logs = [r for r in caplog.records if "[nonfinite_gradient]" in r.getMessage()]
+    assert len(nan_logs) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_none_gradients_warn_once_and_all_none_raises(caplog):
+    model = mlp()
+    unused = keras.Variable(np.ones(3, "float32"), name="unused")
+    opt = guardedopt.GuardedOptimizer("sgd")
+    grads = [tf.ones_like(v) for v in model.trainable_variables] + [None]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            opt.apply(grads, model.trainable_variables + [unused])
+    warnings = [r.getMessage() for r in caplog.records if "none_gradient" in r.getMessage()]
+    assert len(warnings) == 1 and "unused" in warnings[0]
+    assert opt.report().by_code(F.NONE_GRADIENT)[0].variables == ("unused",)
+    with pytest.raises(ValueError, match="No gradient for any of the 1 variables"):
+        guardedopt.GuardedOptimizer("sgd").apply([None], [unused])
+    with pytest.raises(ValueError, match="None gradient"):
+        guardedopt.GuardedOptimizer("sgd", none_gradient="raise").apply(grads, model.trainable_variables + [unused])
+
+
+@pytest.mark.parametrize("mode", ("graph", "xla"))
+def test_zero_gradient_after_patience(mode):
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer("adam", patience=5)
+
+    def step():
+        with tf.GradientTape() as tape:
+            hidden = model.layers[0](x)
+            logits = model.layers[1](tf.stop_gradient(hidden) * 0.0 + hidden * 0.0)
+            loss = LOSS(y, logits)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step = tf.function(step, jit_compile=mode == "xla")
+    for _ in range(4):
+        step()
+    assert not opt.report().by_code(F.ZERO_GRADIENT)
+    step()
+    found = opt.report().by_code(F.ZERO_GRADIENT)[0]
+    # The first layer is cut off by the `* 0.0`, and the second layer's kernel
+    # only ever sees zeros; its bias still learns.
+    dead = {v.path for v in model.layers[0].trainable_variables} | {model.layers[1].kernel.path}
+    assert set(found.variables) == dead
+    assert found.first_step == 5 and found.threshold == 5
+
+
+@pytest.mark.parametrize("mode", ("graph", "xla"))
+def test_tiny_learning_rate_is_below_float32_resolution(mode):
+    """The seed question's case: Adam(learning_rate=1e-10)."""
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-10), patience=5)
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
+    for _ in range(6):
+        step()
+    found = opt.report().by_code(F.TINY_STEP)[0]
+    kernels = {v.path for v in model.trainable_variables if "kernel" in v.path}
+    assert kernels <= set(found.variables)
+    assert found.value == 0.0 and found.threshold == 1e-6
+    assert "learning rate 1e-10" in found.message
+    assert "below the float32 resolution" in found.message
+    assert all(n >= 1 for p, n in found.details["below_resolution_steps"].items() if p in kernels)
+
+
+def test_large_step_is_reported_with_the_measured_ratio():
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(50.0), patience=3, nonfinite_gradient="warn")
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), "graph")
+    for _ in range(3):
+        step()
+    found = opt.report().by_code(F.LARGE_STEP)
+    assert found and found[0].value > 1.0 and found[0].threshold == 1.0
+    assert "learning rate 50" in found[0].message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_weights_after_update_are_restored(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(1e10), tiny_step="ignore", large_step="ignore")
+    # Finite gradients (1e30) whose update (1e40) overflows float32.
+    grads = [tf.fill(v.shape, 1e30) for v in model.trainable_variables]
+
+    def step():
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step = step if mode == "eager" else tf.function(step, jit_compile=mode == "xla")
+    opt.build(model.trainable_variables)
+    before = state_of(model, opt)
+    step()
+    assert bitwise_equal(before, state_of(model, opt))
+    report = opt.report()
+    found = report.by_code(F.NONFINITE_WEIGHTS)[0]
+    assert "restored" in found.message and found.first_step == 1
+    assert not report.by_code(F.NONFINITE_GRADIENT) and report.skipped_steps == 1
+
+
+def test_check_every_measures_only_every_nth_step():
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer("adam", check_every=3)
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), "graph")
+    measured = []
+    for _ in range(7):
+        step()
+        measured.append(bool((opt.last_step_ratio.numpy() >= 0).all()))
+        opt.last_step_ratio.assign(-np.ones_like(opt.last_step_ratio.numpy()))
+    assert measured == [False, False, True, False, False, True, False]
+
+
+def test_step_has_no_host_sync_ops():
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer("adam", nonfinite_gradient="raise", tiny_step="raise")
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), "xla")
+    graph = step.get_concrete_function().graph
+    op_types = {op.type for op in graph.get_operations()}
+    for fn in graph._functions.values():
+        op_types |= {node.op for node in fn.definition.node_def}
+    assert not op_types & {"PyFunc", "EagerPyFunc", "PrintV2", "Assert", "CheckNumerics", "CheckNumericsV2"}
+
+
+def test_delegates_learning_rate_iterations_and_variables():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    inner = keras.optimizers.SGD(schedule)
+    opt = guardedopt.GuardedOptimizer(inner)
+    model = mlp()
+    x, y = classification_data()
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), "graph")
+    for _ in range(10):
+        step()
+    assert int(opt.iterations) == int(inner.iterations) == 10
+    np.testing.assert_allclose(float(opt.learning_rate), 0.05, rtol=1e-6)
+    assert all(any(v is w for w in opt.variables) for v in inner.variables)
+    fixed = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3))
+    fixed.learning_rate = 0.02
+    np.testing.assert_allclose(float(fixed.inner_optimizer.learning_rate), 0.02, rtol=1e-7)
+
+
+def test_accepts_instance_string_and_config_dict():
+    assert isinstance(guardedopt.GuardedOptimizer("rmsprop").inner_optimizer, keras.optimizers.RMSprop)
+    config = keras.optimizers.serialize(keras.optimizers.Adam(3e-4))
+    inner = guardedopt.GuardedOptimizer(config).inner_optimizer
+    assert isinstance(inner, keras.optimizers.Adam)
+    np.testing.assert_allclose(float(inner.learning_rate), 3e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(min_step=-1), "`min_step` must be a finite float >= 0. Received: min_step=-1"),
+        (dict(max_step=0), "`max_step` must be a finite float > 0. Received: max_step=0"),
+        (dict(min_step=0.5, max_step=0.1), "`max_step` must be greater than `min_step`"),
+        (dict(patience=0), "`patience` must be an integer >= 1. Received: patience=0"),
+        (dict(check_every=2.5), "`check_every` must be an integer >= 1. Received: check_every=2.5"),
+        (dict(nonfinite_gradient="drop"), "`nonfinite_gradient` must be one of 'ignore', 'warn', 'skip', 'raise'. Received: nonfinite_gradient='drop'"),
+        (dict(tiny_step="skip"), "`tiny_step` must be one of 'ignore', 'warn', 'raise'. Received: tiny_step='skip'"),
+        (dict(max_consecutive_skips=0), "`max_consecutive_skips` must be an integer >= 1"),
+        (dict(step_epsilon=float("nan")), "`step_epsilon` must be a finite float > 0"),
+        (dict(clipnorm=1.0), "set them on the inner optimizer"),
+    ],
+)
+def test_bad_configuration_raises_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        guardedopt.GuardedOptimizer("adam", **kwargs)
+    assert message in str(info.value)
+
+
+def test_misuse_is_rejected():
+    with pytest.raises(ValueError, match="must not be a GuardedOptimizer"):
+        guardedopt.GuardedOptimizer(guardedopt.GuardedOptimizer("adam"))
+    with pytest.raises(ValueError, match="inner_optimizer"):
+        guardedopt.GuardedOptimizer("no_such_optimizer")
+    opt = guardedopt.GuardedOptimizer("sgd")
+    first, second = mlp(), mlp(seed=1)
+    opt.apply([tf.ones_like(v) for v in first.trainable_variables], first.trainable_variables)
+    with pytest.raises(ValueError, match="One optimizer guards one model"):
+        opt.apply([tf.ones_like(v) for v in second.trainable_variables], second.trainable_variables)
+    with pytest.raises(ValueError, match="same length"):
+        opt.apply([tf.ones_like(first.trainable_variables[0])], first.trainable_variables)
+    with pytest.raises(ValueError, match="stateless_apply"):
+        opt.stateless_apply([], [], [])
+
+
+def test_config_round_trip():
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.AdamW(2e-3, weight_decay=0.01), nonfinite_gradient="raise",
+        min_step=1e-8, max_step=5.0, patience=7, check_every=4, name="guard",
+    )
+    config = opt.get_config()
+    clone = guardedopt.GuardedOptimizer.from_config(config)
+    assert clone.get_config() == config
+    assert isinstance(clone.inner_optimizer, keras.optimizers.AdamW)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(again, guardedopt.GuardedOptimizer) and again.get_config() == config
+
+
+def _trained_guarded_model(x, y):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2), patience=4)
+    model.compile(optimizer=opt, loss=LOSS)
+    x = x.copy()
+    x[:16] = np.nan
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return model, opt
+
+
+def test_keras_file_round_trip_restores_guard_state_and_slots(tmp_path):
+    x, y = classification_data(64)
+    model, opt = _trained_guarded_model(x, y)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, guardedopt.GuardedOptimizer)
+    assert loaded.optimizer.get_config() == opt.get_config()
+    assert bitwise_equal(
+        [np.array(keras.ops.convert_to_numpy(v)) for v in opt.variables],
+        [np.array(keras.ops.convert_to_numpy(v)) for v in loaded.optimizer.variables],
+    )
+    assert loaded.optimizer.report().skipped_steps == 2
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert bitwise_equal(model.get_weights(), loaded.get_weights())
+
+
+def test_tf_train_checkpoint_round_trip(tmp_path):
+    x, y = classification_data(64)
+    model, opt = _trained_guarded_model(x, y)
+    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(str(tmp_path / "ckpt"))
+    other = mlp(seed=3)
+    other_opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2), patience=4)
+    other_opt.build(other.trainable_variables)
+    tf.train.Checkpoint(model=other, optimizer=other_opt).restore(prefix).assert_consumed()
+    assert bitwise_equal(model.get_weights(), other.get_weights())
+    assert bitwise_equal(
+        [np.array(keras.ops.convert_to_numpy(v)) for v in opt.variables],
+        [np.array(keras.ops.convert_to_numpy(v)) for v in other_opt.variables],
+    )
+
+
+@pytest.mark.parametrize("builder", ["cnn", "embedding_model"])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_real_models_fit_with_nan_batch(builder, jit_compile):
+    import helpers
+
+    model = getattr(helpers, builder)()
+    rng = np.random.RandomState(0)
+    if builder == "cnn":
+        x = rng.rand(48, 8, 8, 1).astype("float32")
+        x[16:32] = np.nan
+    else:
+        x = rng.randint(0, 20, (48, 5)).astype("int32")
+    y = rng.randint(0, 3, 48)
+    opt = guardedopt.GuardedOptimizer("adam")
+    model.compile(optimizer=opt, loss=LOSS, jit_compile=jit_compile)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[guardedopt.GuardCallback()])
+    report = opt.report()
+    assert report.steps == 6
+    assert report.skipped_steps == (2 if builder == "cnn" else 0)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
