@@ -172,6 +172,21 @@ class Report:
             stats=dict(self.stats),
         )
 
+    def plot(self, path: str) -> str:
+        """Writes a PNG: effective step per variable over steps, and skips.
+
+        Needs matplotlib (`pip install guardedopt[plot]`).
+
+        Args:
+            path: Where to write the PNG.
+
+        Returns:
+            `path`.
+        """
+        from guardedopt import plotting
+
+        return plotting.plot_report(self, path)
+
     def __str__(self) -> str:
         header = (
             f"guardedopt report: {self.steps} steps, "

@@ -21,6 +21,13 @@ class SummaryWriter:
     """
 
     def __init__(self, log_dir: str, histograms: bool = False):
+        try:
+            import tensorboard  # noqa: F401  (tf.summary needs it to write)
+        except ImportError:
+            raise ImportError(
+                "GuardCallback(log_dir=...) writes TensorBoard summaries and needs "
+                "the tensorboard package: pip install 'guardedopt[tensorboard]'"
+            ) from None
         self._writer = tf.summary.create_file_writer(log_dir)
         self._histograms = histograms
 
