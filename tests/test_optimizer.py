@@ -392,3 +392,24 @@ def test_real_models_fit_with_nan_batch(builder, jit_compile):
     assert report.steps == 6
     assert report.skipped_steps == (2 if builder == "cnn" else 0)
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_end_of_fit_summary_and_rate_limited_repeats(caplog):
+    x, y = classification_data(64)
+    x[:16, 0] = np.nan
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer("adam", log_interval_seconds=0.0)
+    model.compile(optimizer=opt, loss=LOSS)
+    with caplog.at_level(logging.WARNING):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        summary = [r.getMessage() for r in caplog.records if "guardedopt summary" in r.getMessage()]
+        assert len(summary) == 1
+        assert "after 4 steps (1 skipped)" in summary[0] and "nonfinite_gradient" in summary[0]
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    repeats = [r.getMessage() for r in caplog.records if "still happening" in r.getMessage()]
+    assert repeats and "(2 steps so far)" in repeats[-1]
+    quiet = guardedopt.GuardedOptimizer("adam")  # default: at most once a minute
+    quiet._log_once(opt.report().findings[0], count=1)
+    caplog.clear()
+    quiet._log_once(opt.report().findings[0], count=5)
+    assert not caplog.records
