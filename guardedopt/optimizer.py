@@ -19,6 +19,7 @@ counters live in optimizer variables; the host reads them at boundaries
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import keras
@@ -92,7 +93,17 @@ HINTS = {
         "steps this large diverge: lower the learning rate, add warm-up or "
         "`clipnorm`, and normalise the inputs"
     ),
+    F.LOSS_SCALE_AT_FLOOR: (
+        "the gradients stay NaN/Inf however small the loss scale: this is a real "
+        "NaN/Inf, not a float16 overflow. Look for log/sqrt/division of 0 or NaN "
+        "in the inputs or labels; keep layers that overflow float16 (large logits, "
+        "a final softmax) in float32 with `dtype='float32'`; lower the learning rate"
+    ),
 }
+
+# A dynamic loss scale at or below this has stopped helping: the scaler keeps
+# halving it because the gradients stay non-finite.
+LOSS_SCALE_FLOOR = 1.0
 
 
 class GuardError(RuntimeError):
@@ -130,6 +141,58 @@ def _in_xla_context() -> bool:
 
 def _distributed() -> bool:
     return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
+def _strategy_classes(*paths):
+    classes = []
+    for path in paths:
+        module = tf
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, type):
+            classes.append(module)
+    return tuple(classes)
+
+
+_PARAMETER_SERVER_STRATEGIES = _strategy_classes(
+    "distribute.experimental.ParameterServerStrategy",
+    "compat.v1.distribute.experimental.ParameterServerStrategy",
+)
+_TPU_STRATEGIES = _strategy_classes(
+    "distribute.TPUStrategy",
+    "distribute.experimental.TPUStrategy",
+    "compat.v1.distribute.experimental.TPUStrategy",
+)
+
+
+def _check_strategy_supported() -> None:
+    """Rejects the `tf.distribute` strategies the guard does not support.
+
+    Raises:
+        ValueError: Under a ParameterServerStrategy (asynchronous updates: the
+            workers cannot agree on a skip, and restoring a skipped step would
+            overwrite other workers' updates) or a TPUStrategy (not tested on
+            TPU hardware; see the README's "Distributed and mixed precision").
+    """
+    if not tf.distribute.has_strategy():
+        return
+    strategy = tf.distribute.get_strategy()
+    name = type(strategy).__name__
+    if _PARAMETER_SERVER_STRATEGIES and isinstance(strategy, _PARAMETER_SERVER_STRATEGIES):
+        raise ValueError(
+            f"GuardedOptimizer does not support {name}: parameter-server training "
+            "applies each worker's update asynchronously, so the workers cannot agree "
+            "on skipping a step, and restoring a skipped step would overwrite updates "
+            "that other workers made meanwhile. Use MirroredStrategy or "
+            "MultiWorkerMirroredStrategy (synchronous), or the bare inner optimizer."
+        )
+    if _TPU_STRATEGIES and isinstance(strategy, _TPU_STRATEGIES):
+        raise ValueError(
+            f"GuardedOptimizer does not support {name} yet: it has not been tested on "
+            "TPU hardware (int64 guard state, per-replica agreement and the restore "
+            "path are unverified there). Use the bare inner optimizer on TPU, or "
+            "MirroredStrategy/MultiWorkerMirroredStrategy on GPUs/CPUs."
+        )
 
 
 def _assign_all(pairs):
@@ -276,6 +339,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 f"{sorted(kwargs)}: set them on the inner optimizer, e.g. "
                 "`GuardedOptimizer(keras.optimizers.Adam(clipnorm=1.0))`."
             )
+        _check_strategy_supported()
         inner = self._resolve_inner(inner_optimizer)
         options = validate_options(
             none_gradient=none_gradient, zero_gradient=zero_gradient,
@@ -332,6 +396,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         from guardedopt import class_balance
 
         self.class_balancer = class_balance.balancer_from_option(class_weight)
+        # Counts created lazily (at the first loss call, possibly before this
+        # optimizer is built) are still optimizer variables: checkpointed and
+        # saved with it.
+        self.class_balancer.set_variable_factory(self.add_variable)
 
     @property
     def _inner_is_loss_scale(self) -> bool:
@@ -341,6 +409,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         """Builds the inner optimizer and the guard's state variables."""
         if self.built:
             return
+        _check_strategy_supported()
         var_list = list(var_list)
         # The inner build runs with attribute tracking on: optimizers such as
         # Nadam and Adafactor track variables they assign to attributes, and
@@ -412,7 +481,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------- delegation
     @property
     def variables(self):
-        return self._variables[:] + self.inner_optimizer.variables
+        # A fixed order whatever was built first: the guard's own state, the
+        # class balancer's counts, then the inner optimizer's variables.
+        balancer = self.class_balancer.variables if self.class_balancer is not None else []
+        own = [v for v in self._variables if not any(v is b for b in balancer)]
+        return own + balancer + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):
@@ -425,6 +498,40 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     @property
     def iterations(self):
         return self.inner_optimizer.iterations
+
+    @property
+    def loss_scale_factor(self):
+        inner = self.__dict__.get("inner_optimizer")
+        return None if inner is None else inner.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # The inner optimizer scales and unscales; the guard holds no factor.
+        # Keras' LossScaleOptimizer sets this to None on the optimizer it wraps
+        # (so that the gradients are not unscaled twice): pass that on.
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None:  # the base constructor
+            return
+        if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "A GuardedOptimizer(LossScaleOptimizer(...)) must not be wrapped in "
+                "another loss scaler: the loss would be scaled twice and the gradients "
+                "unscaled twice. Keras' `model.compile` wraps the optimizer in a "
+                "LossScaleOptimizer under the 'mixed_float16' policy: pass "
+                "`auto_scale_loss=False` to `compile`, or guard the bare optimizer "
+                "(`GuardedOptimizer(Adam())`) and let Keras wrap it. Received: "
+                f"loss_scale_factor={value!r}"
+            )
+        inner.loss_scale_factor = value
+
+    def __setattr__(self, name, value):
+        if name == "loss_scale_factor":
+            # Straight to the property: Keras' tracking skips an assignment of
+            # the value the attribute already reads (None), and the setter
+            # must see every one.
+            type(self).loss_scale_factor.fset(self, value)
+            return
+        super().__setattr__(name, value)
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -538,7 +645,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # 1. Flags read from the gradients, before the update.
         nonfinite_k = [checks.is_nonfinite(g) for g in grads]
         zero_k = [checks.is_all_zero(g) for g in grads]
-        nonfinite_k, zero_k = self._agree_across_replicas(nonfinite_k, zero_k)
+        norms_k = None
+        if self._measuring() and _distributed():
+            # Each replica holds its own gradients: their norms travel in the
+            # flags' all-reduce, so every replica records the same state.
+            norms_k = [checks.l2_norm(g) for g in grads]
+            nonfinite_k, zero_k, norms_k = self._agree_across_replicas(nonfinite_k, zero_k, norms_k)
+        else:
+            nonfinite_k, zero_k = self._agree_across_replicas(nonfinite_k, zero_k)
         nonfinite = checks.scatter_to_slots(nonfinite_k, positions, n, False)
         zero = checks.scatter_to_slots(zero_k, positions, n, False)
         any_nonfinite = tf.reduce_any(nonfinite)
@@ -556,8 +670,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         # 2. The update itself, exactly as unguarded.
         weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
-        inner_vars = self.inner_optimizer.variables
+        scale_state = self._loss_scale_state()
+        inner_vars = [
+            v for v in self.inner_optimizer.variables if not any(v is s for s in scale_state)
+        ]
         inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
+        scale_old = [tf.identity(_unwrap_value(v)) for v in scale_state]
         self.inner_optimizer.apply(grads, variables)
 
         # 3. Checks on the result.
@@ -577,7 +695,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         measured = self._measure(
             step, grads, weights_old, weights_new, positions, present, zero,
-            tf.logical_or(grad_skip, any_nonfinite),
+            tf.logical_or(grad_skip, any_nonfinite), norms_k=norms_k,
         )
 
         # 4. Decisions.
@@ -590,7 +708,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         skip = tf.logical_or(skip, raise_now > 0)
         if self.nonfinite_weights in (SKIP, RAISE):
             skip = tf.logical_or(skip, any_weights_bad)
-        self._restore(skip, list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)))
+        # An overflow step leaves the weights and the slots as they were: the
+        # loss scaler skipped it. Under a strategy Keras' LossScaleOptimizer
+        # decides on the first replica's gradients only, so an overflow on
+        # another replica would reach the weights; the guard restores them
+        # and halves the scale itself, as the scaler does on an overflow.
+        self._restore(
+            tf.logical_or(skip, overflow),
+            list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)),
+        )
+        scale_updates = self._loss_scale_updates(scale_state, scale_old, skip, overflow)
 
         # 5. Counters.
         consecutive = tf.where(skip, self.skipped_steps_consecutive + 1, tf.zeros([], tf.int64))
@@ -629,28 +756,67 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             (self.event_last_step, last),
             (self.streak, tf.stack([zero_streak, measured["tiny_streak"], measured["large_streak"]])),
         ]
-        updates += measured["assignments"]
+        updates += measured["assignments"] + scale_updates
         _assign_all(updates)
 
-    def _agree_across_replicas(self, nonfinite_k, zero_k):
+    def _loss_scale_state(self):
+        """The inner LossScaleOptimizer's `(step_counter, dynamic_scale)`, or `()`."""
+        if not self._inner_is_loss_scale:
+            return ()
+        inner = self.inner_optimizer
+        return (inner.step_counter, inner.dynamic_scale)
+
+    @staticmethod
+    def _loss_scale_updates(scale_state, scale_old, skip, overflow):
+        """The loss scaler's state after the step: halved on an overflow."""
+        if not scale_state:
+            return []
+        (counter, scale), (counter_old, scale_old_value) = scale_state, scale_old
+        counter_new = _unwrap_value(counter).read_value()
+        scale_new = _unwrap_value(scale).read_value()
+        counter_value = tf.where(
+            overflow, tf.zeros_like(counter_old), tf.where(skip, counter_old, counter_new)
+        )
+        scale_value = tf.where(
+            overflow,
+            scale_old_value * tf.constant(0.5, scale_old_value.dtype),
+            tf.where(skip, scale_old_value, scale_new),
+        )
+        return [(counter, counter_value), (scale, scale_value)]
+
+    def _agree_across_replicas(self, nonfinite_k, zero_k, norms_k=None):
         """Makes every replica take the same decision.
 
         Keras all-reduces the gradients inside the inner `apply`, so a NaN on one
         replica reaches all of them. The flags are all-reduced here (one small
         vector) so that each replica decides on the same facts: non-finite on
-        any replica, zero on all replicas.
+        any replica, zero on all replicas. `norms_k`, if given, are summed over
+        the replicas in the same all-reduce (the sum of the local gradient norms
+        bounds the norm of the applied, summed gradient, and equals it when the
+        replicas' gradients point the same way); it is then returned third.
         """
         if not _distributed() or not nonfinite_k:
-            return nonfinite_k, zero_k
+            return (nonfinite_k, zero_k) if norms_k is None else (nonfinite_k, zero_k, norms_k)
         k = len(nonfinite_k)
-        flags = tf.cast(tf.stack(nonfinite_k + [tf.logical_not(z) for z in zero_k]), tf.float32)
-        total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, flags)
-        nonfinite = total[:k] > 0
-        zero = tf.logical_not(total[k:] > 0)
-        return tf.unstack(nonfinite), tf.unstack(zero)
+        values = [tf.cast(f, tf.float32) for f in nonfinite_k]
+        values += [tf.cast(tf.logical_not(z), tf.float32) for z in zero_k]
+        values += [tf.cast(n, tf.float32) for n in norms_k or ()]
+        total = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.stack(values)
+        )
+        nonfinite = tf.unstack(total[:k] > 0)
+        zero = tf.unstack(tf.logical_not(total[k:2 * k] > 0))
+        if norms_k is None:
+            return nonfinite, zero
+        return nonfinite, zero, tf.unstack(total[2 * k:])
 
-    def _measure(self, step, grads, weights_old, weights_new, positions, present, zero, nonfinite_step):
-        """The effective-step checks (tiny, large, below resolution)."""
+    def _measure(self, step, grads, weights_old, weights_new, positions, present, zero,
+                 nonfinite_step, norms_k=None):
+        """The effective-step checks (tiny, large, below resolution).
+
+        `norms_k`: the gradient norms when already computed (and agreed across
+        replicas); else they are computed here from `grads`.
+        """
         n = len(self._variable_paths)
         no_events = tf.zeros([n], tf.bool)
         tiny_streak_old = self.streak[_STREAK[F.TINY_STEP]]
@@ -667,7 +833,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 checks.relative_step(old, new, self.step_epsilon)
                 for old, new in zip(weights_old, weights_new)
             ]
-            norms = [checks.l2_norm(g) for g in grads]
+            norms = norms_k if norms_k is not None else [checks.l2_norm(g) for g in grads]
             unchanged = [
                 checks.unchanged_fraction(o, w) >= 0.5 for o, w in zip(weights_old, weights_new)
             ]
@@ -835,6 +1001,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return F.Report(findings=findings, stats=stats)
         state = self._read_state()
         findings += self._step_findings(state)
+        findings += self._loss_scale_findings(state, stats)
         if self.class_balancer is not None and self.class_balancer.built:
             findings += self.class_balancer.findings(step=int(state["guard_step"]))
             stats["class_weights"] = self.class_balancer.class_weights()
@@ -849,6 +1016,66 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             skipped_steps=int(state["skipped_steps_total"]),
             stats=stats,
         )
+
+    def _loss_scale_optimizer(self):
+        """The LossScaleOptimizer around the inner optimizer, if any.
+
+        The inner one (`GuardedOptimizer(LossScaleOptimizer(...))`), else an
+        outer one registered with `_watch_outer` (Keras' `compile` wraps the
+        guard in one under "mixed_float16").
+        """
+        if self._inner_is_loss_scale:
+            return self.inner_optimizer
+        outer = self.__dict__.get("_outer_optimizer_ref")
+        outer = outer() if outer is not None else None
+        while outer is not None and outer is not self:
+            if isinstance(outer, keras.optimizers.LossScaleOptimizer):
+                return outer
+            outer = getattr(outer, "inner_optimizer", None)
+        return None
+
+    def _watch_outer(self, optimizer) -> None:
+        """Registers the model's optimizer when it wraps this guard.
+
+        `report()` then also reads an outer LossScaleOptimizer's scale. Held by
+        a weak reference: the guard must not track (or save) its wrapper.
+        """
+        if optimizer is None or optimizer is self:
+            return
+        self.__dict__["_outer_optimizer_ref"] = weakref.ref(optimizer)
+
+    def _loss_scale_findings(self, state, stats) -> List[F.Finding]:
+        """`loss_scale_at_floor` when the dynamic loss scale collapsed (host side)."""
+        lso = self._loss_scale_optimizer()
+        if lso is None or not lso.built:
+            return []
+        scale = float(keras.ops.convert_to_numpy(lso.dynamic_scale))
+        stats["loss_scale"] = scale
+        if scale > LOSS_SCALE_FLOOR:
+            return []
+        overflow = int(state["loss_scale_overflow_steps"])
+        counted = (
+            f" after {overflow} overflow step(s) out of {int(state['guard_step'])}"
+            if self._inner_is_loss_scale
+            else ""
+        )
+        return [
+            F.Finding(
+                code=F.LOSS_SCALE_AT_FLOOR,
+                message=(
+                    f"The dynamic loss scale of {lso.name!r} fell to {scale:.3g} (at or "
+                    f"below {LOSS_SCALE_FLOOR:g}){counted}: the scaler skips every step "
+                    "whose gradients are NaN/Inf and halves the scale, and they stay "
+                    "non-finite even unscaled, so training has stopped."
+                ),
+                hint=HINTS[F.LOSS_SCALE_AT_FLOOR],
+                value=scale,
+                threshold=LOSS_SCALE_FLOOR,
+                severity=F.ERROR,
+                count=max(overflow, 1),
+                details=dict(loss_scale=scale, overflow_steps=overflow),
+            )
+        ]
 
     def plot(self, path: str) -> str:
         """Writes the report's picture to `path` (see `Report.plot`)."""
@@ -1014,6 +1241,78 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.add_variable
 
     # ---------------------------------------------------------- serialization
+    def load_own_variables(self, store):
+        """Loads the optimizer state saved by `save_own_variables` (`.keras` files).
+
+        A store saved from the bare inner optimizer (as many variables as the
+        inner optimizer has) is loaded into the inner optimizer; the guard's
+        own state then starts afresh. An unbuilt optimizer or an empty store
+        keeps Keras' behaviour (a warning, nothing loaded).
+
+        Raises:
+            ValueError: If the store matches neither this guard nor its inner
+                optimizer (Keras would skip it with only a warning).
+        """
+        saved = len(store.keys())
+        expected = len(self.variables)
+        if not self.built or saved in (0, expected):
+            return super().load_own_variables(store)
+        inner_count = len(self.inner_optimizer.variables)
+        if saved == inner_count:
+            logging.warning(
+                "guardedopt: loading a saved %s state (%d variables, no guard state) "
+                "into the inner optimizer of %r; the guard's counters start at 0. "
+                "(Keras may then warn that it skips loading %r: a bare-optimizer file "
+                "has no separate copy of it.)",
+                type(self.inner_optimizer).__name__, saved, self.name,
+                self.inner_optimizer.name,
+            )
+            self.inner_optimizer.load_own_variables(store)
+            return
+        raise ValueError(
+            f"Cannot load the optimizer state into GuardedOptimizer {self.name!r}: "
+            f"the file holds {saved} optimizer variables, but this guard has "
+            f"{expected} ({expected - inner_count} of its own and {inner_count} of its "
+            f"inner {type(self.inner_optimizer).__name__}) and a bare "
+            f"{type(self.inner_optimizer).__name__} would have {inner_count}. The file "
+            "was saved with a different optimizer, other guard options (e.g. "
+            "class_weight) or a different model. Recreate the optimizer the file was "
+            "saved with, or load only the weights (`model.load_weights` of a "
+            "`.weights.h5` saved without the optimizer, or `skip_mismatch=True`)."
+        )
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """The checkpoint layout: the inner optimizer's, plus the guard's state.
+
+        `tf.train.Checkpoint` finds variables by attribute path. The guard's own
+        `iterations`/`learning_rate` are unused placeholders (the inner
+        optimizer's count), so the inner optimizer's children take their names:
+        a checkpoint of the bare inner optimizer restores into a guarded one and
+        the reverse, instead of restoring the placeholders (learning rate 0)
+        into the bare optimizer or failing on mismatched dtypes. The guard's
+        own variable list is saved as `_guard_variables`.
+        """
+        children = dict(super()._trackable_children(save_type, **kwargs))
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None:
+            return children
+        own_variables = children.pop("_variables", None)
+        inner_children = inner._trackable_children(save_type, **kwargs)
+        if own_variables is not None:
+            children["_guard_variables"] = own_variables
+        for name in ("_iterations", "_learning_rate", "_trainable_variables",
+                     "_trainable_variables_indices"):
+            children.pop(name, None)
+        if "inner_optimizer" in inner_children:
+            children.pop("inner_optimizer", None)
+        children.update(inner_children)
+        return children
+
+    def _lookup_dependency(self, name, cached_dependencies=None):
+        if cached_dependencies is None:
+            cached_dependencies = self._trackable_children()
+        return cached_dependencies.get(name)
+
     def get_config(self):
         config = {
             "name": self.name,
