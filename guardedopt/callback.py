@@ -67,15 +67,12 @@ class GuardCallback(keras.callbacks.Callback):
         guard = self._guard
         if guard is None or not guard.built:
             return
-        state = guard._read_state()
+        guard.check()  # reads the state once; raises or logs what it found
+        state = guard._last_state
         if logs is not None:
             logs["guard_skipped"] = int(state["skipped_steps_total"])
         if self._writer is not None and int(state["guard_step"]) % self.summary_every == 0:
             self._writer.write(guard, state)
-        if int(state["pending_raise"]):
-            guard.check()
-        elif int(state["event_count"].sum()) or guard._none_gradient_paths:
-            guard.report()  # logs new findings once, then rate-limited
 
     def on_train_end(self, logs=None):
         if self._writer is not None:

@@ -18,6 +18,7 @@ import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import tensorflow as tf
 
 from guardedopt import findings as F
 
@@ -57,6 +58,10 @@ def usual_learning_rate(optimizer: Any) -> Tuple[float, float]:
     return DEFAULT_USUAL_LEARNING_RATE
 
 
+# Host-side Python only: autograph must not convert it when it runs inside a
+# `tf.function` trace (from `GuardedOptimizer.build`); converting it and all
+# it calls would cost seconds per trace.
+@tf.autograph.experimental.do_not_convert
 def check_hyperparameters(optimizer: Any, variable_dtype: Any = "float32") -> List[F.Finding]:
     """Finds optimizer settings that keep the weights from updating.
 
@@ -88,8 +93,6 @@ def check_hyperparameters(optimizer: Any, variable_dtype: Any = "float32") -> Li
         Each finding's `variables` is `("<optimizer name>/<setting>",)`,
         `value` the setting and `threshold` the bound it violated.
     """
-    import tensorflow as tf  # Lazy: keeps `import guardedopt.hyperparams` light.
-
     dtype = np.dtype(_dtype_name(variable_dtype))
     out: List[F.Finding] = []
     with tf.init_scope():
@@ -289,22 +292,30 @@ def _check_decay_rates(opt: Any) -> List[F.Finding]:
         value = _to_float(getattr(opt, setting, None))
         if value is None or (math.isfinite(value) and 0.0 <= value < 1.0):
             continue
-        effect = (
-            "the moving average never forgets its start (a decay of 1 keeps the "
-            "first-moment estimate at 0 and the update at 0, or lets momentum grow "
-            "without bound)"
-            if math.isfinite(value) and value >= 1.0
-            else "the moving average is not a weighted mean any more"
-        )
+        effect = _decay_rate_effect(setting, value)
+        typical = "0.999" if setting.endswith("beta_2") else "0.9"
         found.append(
             _finding(
                 opt, setting,
                 f"{_class_name(opt)} {setting}={value:g} is outside [0, 1): {effect}.",
-                f"use `{setting}` in [0, 1), typically 0.9 (0.999 for `beta_2`).",
-                value, 1.0 if value >= 1.0 else 0.0, F.ERROR,
+                f"use `{setting}` in [0, 1), typically {typical}.",
+                value, 0.0 if value < 0 else 1.0, F.ERROR,
             )
         )
     return found
+
+
+def _decay_rate_effect(setting: str, value: float) -> str:
+    """What a decay rate outside [0, 1) does to the update, in words."""
+    if math.isfinite(value) and value < 0:
+        return "a negative decay rate makes the moving average flip sign every step"
+    if setting in ("momentum", "ema_momentum"):
+        return "the velocity never decays, grows without bound and training diverges"
+    return (
+        "the moving average ignores every new gradient (weight 1 - "
+        f"{setting} <= 0) and the bias correction divides by 1 - {setting}**t = 0, "
+        "so updates are 0 or NaN"
+    )
 
 
 def _check_epsilon(opt: Any, dtype: np.dtype) -> List[F.Finding]:

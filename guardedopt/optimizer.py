@@ -195,6 +195,18 @@ def _check_strategy_supported() -> None:
         )
 
 
+def _nonfinite_where(flag, gradient):
+    """`gradient` made NaN where the scalar `flag` holds (bits kept otherwise)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        values = gradient.values
+        return tf.IndexedSlices(
+            tf.where(flag, tf.constant(np.nan, values.dtype), values),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return tf.where(flag, tf.constant(np.nan, gradient.dtype), gradient)
+
+
 def _assign_all(pairs):
     """Assigns `value` to each `variable`, replica-safely under `tf.distribute`.
 
@@ -543,6 +555,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "`apply`/`apply_gradients`."
         )
 
+    # Plain TF ops only: autograph would re-convert this on every user trace
+    # (seconds per trace) for no benefit.
+    @tf.autograph.experimental.do_not_convert
     def apply_gradients(self, grads_and_vars):
         grads_and_vars = list(grads_and_vars)
         if not grads_and_vars:
@@ -557,6 +572,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self._log_summary()
 
     # ------------------------------------------------------------------ apply
+    # Plain TF ops only: autograph would re-convert this on every user trace
+    # (seconds per trace) for no benefit.
+    @tf.autograph.experimental.do_not_convert
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
         if trainable_variables is None:
@@ -636,6 +654,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _measuring(self) -> bool:
         return self.tiny_step != IGNORE or self.large_step != IGNORE
 
+    # Plain TF ops only: autograph would re-convert this on every user trace
+    # (seconds per trace) for no benefit.
+    @tf.autograph.experimental.do_not_convert
     def _guarded_step(self, grads, variables):
         n = len(self._variable_paths)
         positions = [self._var_positions[self._var_key(v)] for v in variables]
@@ -676,6 +697,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         ]
         inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
         scale_old = [tf.identity(_unwrap_value(v)) for v in scale_state]
+        if scale_state and _distributed():
+            # Keras' LossScaleOptimizer decides on the gradients it is given:
+            # the local ones (MultiWorkerMirroredStrategy: replicas that
+            # disagree take different branches around an all-reduce and hang)
+            # or the first replica's (MirroredStrategy: an overflow elsewhere
+            # reaches the weights). Every replica hands it non-finite
+            # gradients when any replica has them; `where` keeps the others'
+            # bits.
+            grads = [_nonfinite_where(any_nonfinite, g) for g in grads]
         self.inner_optimizer.apply(grads, variables)
 
         # 3. Checks on the result.
@@ -929,6 +959,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "extreme_step_ratio",
         )
         state = {name: keras.ops.convert_to_numpy(getattr(self, name)) for name in names}
+        # Not a tracked attribute: host-side data, never saved.
+        self.__dict__["_last_state"] = state
         step = int(state["guard_step"])
         if not self._history or self._history[-1]["step"] < step:
             nonfinite_row = state["event_last_step"][_ROW[F.NONFINITE_GRADIENT]]
@@ -944,22 +976,27 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return state
 
     def check(self) -> None:
-        """Raises `GuardError` if a check with policy "raise" fired.
+        """The host boundary of a custom loop: reads the guard state once.
 
-        Call it at a host boundary of a custom loop (e.g. every N steps or once
-        per epoch); `GuardCallback` calls it after every batch of `fit`. It
-        clears the pending raise, so training can continue if the caller
-        catches the error.
+        Raises `GuardError` if a check with policy "raise" fired, logs new
+        findings (once, then rate-limited) and records a point of the history
+        that `report().plot()` draws. Call it every N steps or once per epoch;
+        `GuardCallback` calls it after every batch of `fit`. It clears the
+        pending raise, so training can continue if the caller catches the
+        error.
 
         Raises:
             GuardError: With the step, the check, the variables and values.
         """
         if not self.built:
             return
-        pending = int(keras.ops.convert_to_numpy(self.pending_raise))
+        state = self._read_state()
+        pending = int(state["pending_raise"])
         if pending == 0:
+            if int(state["event_count"].sum()) or self._none_gradient_paths:
+                self._report_from(state)  # logs new findings once, then rate-limited
             return
-        report = self.report()
+        report = self._report_from(state)
         code = EVENT_ROWS[pending - 1]
         step = int(keras.ops.convert_to_numpy(self.pending_raise_step))
         related = report.by_code(code)
@@ -990,6 +1027,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         Returns:
             A `Report`.
         """
+        if not self.built:
+            findings, stats = self._static_findings_and_stats()
+            return F.Report(findings=findings, stats=stats)
+        return self._report_from(self._read_state())
+
+    def _static_findings_and_stats(self):
+        """What is known without reading the state: set-up and trace-time findings."""
         findings = list(self._setup_findings)
         findings += [self._none_finding(paths) for paths in self._none_gradient_paths]
         stats: Dict[str, Any] = dict(
@@ -997,9 +1041,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             min_step=self.min_step,
             max_step=self.max_step,
         )
-        if not self.built:
-            return F.Report(findings=findings, stats=stats)
-        state = self._read_state()
+        return findings, stats
+
+    def _report_from(self, state) -> F.Report:
+        """The report for a state already read by `_read_state`."""
+        findings, stats = self._static_findings_and_stats()
         findings += self._step_findings(state)
         findings += self._loss_scale_findings(state, stats)
         if self.class_balancer is not None and self.class_balancer.built:
