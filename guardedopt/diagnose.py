@@ -274,6 +274,8 @@ def _observe(model, optimizer, train_step, loss, batches, steps):
     trainable = list(model.trainable_variables)
     snapshot = _Snapshot(model, optimizer)
     guard_history = list(getattr(guard, "_history", [])) if guard is not None else None
+    balancer = getattr(guard, "class_balancer", None)
+    balancer_was_built = balancer is not None and balancer.built
     skipped_before = _guard_skipped(guard)
     try:
         trace = _run_steps(model, optimizer, train_step, loss, batches, steps, trainable)
@@ -284,6 +286,10 @@ def _observe(model, optimizer, train_step, loss, batches, steps):
         skipped = _guard_skipped(guard) - skipped_before
     finally:
         snapshot.restore()
+        if balancer is not None and not balancer_was_built and balancer.built:
+            # Its counts were created by the diagnosed steps, after the
+            # snapshot: zero them, so training starts from no labels seen.
+            balancer.reset_state()
         if guard_history is not None:
             # The guard's host-side series must not keep the diagnosed steps.
             guard._history[:] = guard_history  # pylint: disable=protected-access

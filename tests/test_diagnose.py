@@ -468,3 +468,18 @@ def test_argument_validation(digits, kwargs, message):
 def test_uncompiled_model_without_train_step_is_rejected(digits):
     with pytest.raises(ValueError, match=r"needs a compiled model .* or your training step"):
         diagnose(mlp(), digits)
+
+
+def test_diagnose_leaves_no_label_counts_in_a_lazily_built_class_balancer():
+    import guardedopt
+
+    rng = np.random.RandomState(0)
+    x = rng.randn(64, 6).astype("float32")
+    y = rng.randint(0, 3, 64).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    opt = guardedopt.GuardedOptimizer("adam", class_weight="auto")
+    model.compile(optimizer=opt, loss=opt.weighted(keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
+    guardedopt.diagnose(model, (x, y), steps=3)
+    assert opt.class_balancer.built
+    np.testing.assert_array_equal(opt.class_balancer.counts(), np.zeros(3))
