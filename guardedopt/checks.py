@@ -25,17 +25,41 @@ def gradient_values(gradient):
 
 def is_nonfinite(gradient) -> tf.Tensor:
     """True when any entry of `gradient` is NaN or +/-Inf (False when empty)."""
-    values = gradient_values(gradient)
-    return tf.logical_not(tf.reduce_all(tf.math.is_finite(values)))
+    return nonfinite_and_zero(gradient)[0]
 
 
 def is_all_zero(gradient) -> tf.Tensor:
     """True when every entry of `gradient` is exactly 0 (and it is not empty)."""
-    values = gradient_values(gradient)
+    return nonfinite_and_zero(gradient)[1]
+
+
+def largest_magnitude(tensor) -> tf.Tensor:
+    """max |x| with NaN counted as +Inf: one reduction answers two questions.
+
+    The result is +Inf exactly when some entry is NaN or +/-Inf, 0 exactly when
+    every entry is 0, and -Inf for an empty tensor. NaN is mapped explicitly
+    because XLA's CPU `max` drops NaN while TensorFlow's kernels propagate it.
+    """
+    values = gradient_values(tensor)
+    infinity = tf.constant(float("inf"), values.dtype)
+    return tf.reduce_max(tf.where(tf.math.is_finite(values), tf.abs(values), infinity))
+
+
+def nonfinite_and_zero(tensor):
+    """`(is_nonfinite, is_all_zero)` of `tensor` from a single pass over it."""
+    values = gradient_values(tensor)
     if values.shape.num_elements() == 0:
-        # An empty tensor is vacuously zero; it is not a dead variable.
-        return tf.constant(False)
-    return tf.reduce_all(tf.equal(values, tf.zeros([], values.dtype)))
+        return tf.constant(False), tf.constant(False)
+    largest = largest_magnitude(values)
+    return tf.math.is_inf(largest), tf.equal(largest, tf.zeros([], largest.dtype))
+
+
+_RELATIVE_RESOLUTION = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+
+
+def relative_resolution(dtype) -> float:
+    """Machine epsilon of a float dtype: the smallest relative change it can hold."""
+    return _RELATIVE_RESOLUTION.get(tf.as_dtype(dtype).name, 0.0)
 
 
 def l2_norm(tensor) -> tf.Tensor:
@@ -59,26 +83,6 @@ def relative_step(old, new, epsilon: float) -> tf.Tensor:
     floor = tf.constant(epsilon * size**0.5, tf.float32)
     denominator = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(old32))), floor)
     return tf.sqrt(tf.reduce_sum(tf.square(delta))) / denominator
-
-
-def unchanged_fraction(old, new) -> tf.Tensor:
-    """The fraction of entries that the update left exactly as they were (float32)."""
-    if old.shape.num_elements() == 0:
-        return tf.constant(0.0)
-    return tf.reduce_mean(tf.cast(tf.equal(old, new), tf.float32))
-
-
-def is_below_resolution(old, new, gradient_is_zero, fraction: float = 0.5) -> tf.Tensor:
-    """True when most weights did not change at all although the gradient is not 0.
-
-    This is the float32 (or float16) case where the update is smaller than half
-    the spacing between representable numbers around the weights, so
-    `w + Δw == w` exactly: the learning rate of 1e-10 in the classic question.
-    Weights very close to 0 have a finer spacing and still move, so the test
-    is on the fraction of unchanged entries, not on all of them.
-    """
-    mostly_unchanged = unchanged_fraction(old, new) >= fraction
-    return tf.logical_and(mostly_unchanged, tf.logical_not(gradient_is_zero))
 
 
 def update_streak(streak, flag, active) -> tf.Tensor:

@@ -440,6 +440,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self._var_positions = {self._var_key(v): i for i, v in enumerate(var_list)}
         self._var_sizes = [int(np.prod(v.shape)) for v in var_list]
         self._var_dtypes = [str(v.dtype) for v in var_list]
+        self._resolution = [checks.relative_resolution(v.dtype) for v in var_list]
 
         def scalar(name, initial=0):
             return self.add_variable(
@@ -664,8 +665,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         step = self.guard_step + 1
 
         # 1. Flags read from the gradients, before the update.
-        nonfinite_k = [checks.is_nonfinite(g) for g in grads]
-        zero_k = [checks.is_all_zero(g) for g in grads]
+        flags_k = [checks.nonfinite_and_zero(g) for g in grads]
+        nonfinite_k = [nonfinite for nonfinite, _ in flags_k]
+        zero_k = [zero for _, zero in flags_k]
         norms_k = None
         if self._measuring() and _distributed():
             # Each replica holds its own gradients: their norms travel in the
@@ -730,21 +732,28 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         # 4. Decisions.
         pending_before = self.pending_raise
-        raise_now = self._raise_code(
-            nonfinite_event, weights_bad, zero_event, measured["tiny_event"],
-            measured["large_event"],
+        no_events = tf.zeros([n], tf.bool)
+        # Decisions known from the gradients alone, before the update...
+        raise_before = self._raise_code(nonfinite_event, no_events, zero_event, no_events, no_events)
+        skip_before = tf.logical_or(grad_skip, pending_before > 0)
+        skip_before = tf.logical_or(skip_before, raise_before > 0)
+        # ...and those that need the updated weights.
+        raise_after = self._raise_code(
+            no_events, weights_bad, no_events, measured["tiny_event"], measured["large_event"]
         )
-        skip = tf.logical_or(grad_skip, pending_before > 0)
-        skip = tf.logical_or(skip, raise_now > 0)
+        raise_now = tf.where(raise_before > 0, raise_before, raise_after)
+        skip_after = raise_after > 0
         if self.nonfinite_weights in (SKIP, RAISE):
-            skip = tf.logical_or(skip, any_weights_bad)
+            skip_after = tf.logical_or(skip_after, any_weights_bad)
+        skip = tf.logical_or(skip_before, skip_after)
         # An overflow step leaves the weights and the slots as they were: the
         # loss scaler skipped it. Under a strategy Keras' LossScaleOptimizer
         # decides on the first replica's gradients only, so an overflow on
         # another replica would reach the weights; the guard restores them
         # and halves the scale itself, as the scaler does on an overflow.
         self._restore(
-            tf.logical_or(skip, overflow),
+            tf.logical_or(skip_before, overflow),
+            skip_after,
             list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)),
         )
         scale_updates = self._loss_scale_updates(scale_state, scale_old, skip, overflow)
@@ -864,30 +873,29 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 for old, new in zip(weights_old, weights_new)
             ]
             norms = norms_k if norms_k is not None else [checks.l2_norm(g) for g in grads]
-            unchanged = [
-                checks.unchanged_fraction(o, w) >= 0.5 for o, w in zip(weights_old, weights_new)
-            ]
+            # float64 gradients have float64 norms; the table is float32.
+            norms = [tf.cast(n, tf.float32) for n in norms]
             return (
                 checks.scatter_to_slots(ratios, positions, n, -1.0),
                 checks.scatter_to_slots(norms, positions, n, -1.0),
-                checks.scatter_to_slots(unchanged, positions, n, False),
             )
 
         if self.check_every == 1:
             measure_now = tf.constant(True)
-            ratio, norm, unchanged = measure_values()
+            ratio, norm = measure_values()
         else:
             measure_now = tf.equal(step % self.check_every, 0)
-            ratio, norm, unchanged = tf.cond(
-                measure_now,
-                measure_values,
-                lambda: (tf.fill([n], -1.0), tf.fill([n], -1.0), tf.zeros([n], tf.bool)),
+            ratio, norm = tf.cond(
+                measure_now, measure_values, lambda: (tf.fill([n], -1.0), tf.fill([n], -1.0))
             )
         active = tf.logical_and(present, measure_now)
         active = tf.logical_and(active, tf.logical_not(nonfinite_step))
         # A zero gradient is reported by its own check; it is not a tiny step.
         moving = tf.logical_and(active, tf.logical_not(zero))
-        below = tf.logical_and(moving, unchanged)
+        # A relative step below the dtype's precision rounds away in most
+        # entries: w + Δw == w. Cheaper than comparing every entry, and the
+        # same verdict for the 1e-10 learning rate.
+        below = tf.logical_and(moving, ratio < tf.constant(self._resolution, tf.float32))
         tiny_streak = checks.update_streak(tiny_streak_old, ratio < self.min_step, moving)
         large_streak = checks.update_streak(large_streak_old, ratio > self.max_step, active)
         tiny_event = tf.logical_and(moving, tiny_streak >= self.patience)
@@ -929,24 +937,37 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 code = tf.where(tf.reduce_any(fired), tf.constant(1 + _ROW[row_code], tf.int64), code)
         return code
 
-    def _restore(self, skip, snapshot):
-        """Writes the pre-update values back when `skip` holds.
+    def _restore(self, skip_before, skip_after, snapshot):
+        """Writes the pre-update values back on a skipped step.
 
-        Under XLA (and eagerly) a select: when `skip` is known before the update
-        it fuses into the update's own loop, so a guarded step costs no extra
-        pass over the weights. In a non-XLA graph a `cond` that only runs on
-        skipped steps is cheaper than a select over every variable.
+        `skip_before` is known from the gradients alone. Under XLA (and
+        eagerly) it restores through a select, which XLA fuses into the
+        update's own loop: no extra pass over the weights. `skip_after` needs
+        the updated weights (non-finite weights, "raise" of the step checks);
+        a select on it would be a second pass over every variable, so it is a
+        `cond` that runs only on such a step. In a non-XLA graph both are one
+        `cond`. Under `tf.distribute` both are selects, because a `cond` whose
+        branch merges replicas fails there (keras#17429).
         """
         pairs = [(v, old) for v, old in snapshot]
-        if _in_xla_context() or tf.executing_eagerly() or _distributed():
-            _assign_all([(v, tf.where(skip, old, _unwrap_value(v).read_value())) for v, old in pairs])
-            return
 
-        def restore():
-            _assign_all(pairs)
-            return tf.constant(True)
+        def select(skip):
+            return [(v, tf.where(skip, old, _unwrap_value(v).read_value())) for v, old in pairs]
 
-        tf.cond(skip, restore, lambda: tf.constant(False))
+        def restore_if(skip):
+            def restore():
+                _assign_all(pairs)
+                return tf.constant(True)
+
+            tf.cond(skip, restore, lambda: tf.constant(False))
+
+        if tf.executing_eagerly() or _distributed():
+            _assign_all(select(tf.logical_or(skip_before, skip_after)))
+        elif _in_xla_context():
+            _assign_all(select(skip_before))
+            restore_if(tf.logical_and(skip_after, tf.logical_not(skip_before)))
+        else:
+            restore_if(tf.logical_or(skip_before, skip_after))
 
     # ------------------------------------------------------------- host side
     def _read_state(self) -> Dict[str, np.ndarray]:
@@ -1218,9 +1239,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ratio = float(state["extreme_step_ratio"][0][hit].min())
             below = int(state["event_count"][_ROW["below_resolution"]][hit].max())
             resolution = (
-                f" On {below} step(s) most weights (>= 50%) did not change at all "
-                "although the gradient was not 0: the update is below the "
-                f"{self._var_dtypes[int(np.argmax(hit))]} resolution of the weights."
+                f" On {below} step(s) the relative step was below the "
+                f"{self._var_dtypes[int(np.argmax(hit))]} precision "
+                f"({self._resolution[int(np.argmax(hit))]:.2g}) although the gradient "
+                "was not 0: the update is below the resolution of the weights, so "
+                "w + Δw rounds back to w."
                 if below
                 else ""
             )

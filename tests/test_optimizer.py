@@ -192,7 +192,7 @@ def test_tiny_learning_rate_is_below_float32_resolution(mode):
     assert kernels <= set(found.variables)
     assert found.value == 0.0 and found.threshold == 1e-6
     assert "learning rate 1e-10" in found.message
-    assert "below the float32 resolution" in found.message
+    assert "below the float32 precision" in found.message and "rounds back to w" in found.message
     assert all(n >= 1 for p, n in found.details["below_resolution_steps"].items() if p in kernels)
 
 
