@@ -51,13 +51,17 @@ class GuardCallback(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        self._guard = find_guard(getattr(self.model, "optimizer", None))
+        optimizer = getattr(self.model, "optimizer", None)
+        self._guard = find_guard(optimizer)
         if self._guard is None:
             raise ValueError(
                 "GuardCallback needs a model compiled with a GuardedOptimizer, e.g. "
                 "`model.compile(optimizer=guardedopt.GuardedOptimizer('adam'), ...)`. "
                 f"Received: optimizer={type(getattr(self.model, 'optimizer', None)).__name__}"
             )
+        # Under "mixed_float16" Keras wraps the guard in a LossScaleOptimizer:
+        # let the guard read that scaler's scale for `loss_scale_at_floor`.
+        self._guard._watch_outer(optimizer)
         if self.log_dir:
             from guardedopt import summaries
 

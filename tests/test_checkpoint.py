@@ -1,0 +1,190 @@
+"""Checkpoints of a guarded model (issue 6).
+
+* Kill and resume: one epoch here, then a NEW process restores the
+  `tf.train.Checkpoint` (before the optimizer is built: deferred) and the
+  `.keras` file written by `ModelCheckpoint`, and trains the second epoch. The
+  weights, the inner optimizer's slots and the guard's counters must equal an
+  uninterrupted two-epoch run bit for bit (CPU).
+* Bare <-> guarded: a checkpoint of the bare inner optimizer loads into a
+  guarded model and the reverse, or fails with a clear message; variables are
+  never skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import guardedopt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import _checkpoint_resume as resume  # noqa: E402
+
+RESUME_TIMEOUT_S = 300
+
+
+def _bits(values):
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tobytes() for v in values]
+
+
+def test_kill_and_resume_continues_exactly(tmp_path):
+    full = resume.train(resume.make_model(), epochs=2)
+    expected = resume.state(full)
+    guard = full.optimizer
+    assert int(guard.guard_step.numpy()) == 2 * resume.BATCHES
+    assert int(guard.skipped_steps_total.numpy()) == 2  # one NaN batch per epoch
+    assert int(guard.iterations.numpy()) == 2 * resume.BATCHES - 2
+
+    keras_path = str(tmp_path / "epoch.keras")
+    prefix = str(tmp_path / "ckpt" / "guarded")
+    first = resume.make_model()
+    resume.train(first, callbacks=[keras.callbacks.ModelCheckpoint(keras_path)])
+    tf.train.Checkpoint(model=first, optimizer=first.optimizer).write(prefix)
+    del first  # the "killed" process keeps nothing for the resume
+
+    out = tmp_path / "resumed.npz"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_checkpoint_resume.py"), prefix, keras_path, str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RESUME_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = np.load(out)
+    for kind in ("tf_deferred", "keras"):
+        keys = sorted(k[len(kind) + 1:] for k in resumed.files if k.startswith(kind + "/"))
+        assert keys == sorted(expected), kind
+        differ = [
+            k for k in keys if resumed[f"{kind}/{k}"].tobytes() != np.asarray(expected[k]).tobytes()
+        ]
+        assert differ == [], f"{kind}: differs from the uninterrupted run: {differ}"
+
+
+# ------------------------------------------------------------ bare <-> guarded
+def _bare_adam():
+    return keras.optimizers.Adam(1e-2)
+
+
+def _trained(optimizer):
+    return resume.train(resume.make_model(optimizer), clean=True)
+
+
+def test_keras_file_of_bare_optimizer_loads_into_guard(tmp_path, caplog):
+    bare = _trained(_bare_adam())
+    path = str(tmp_path / "bare.weights.h5")
+    bare.save_weights(path)
+
+    guarded = resume.make_model()
+    guarded.optimizer.build(guarded.trainable_variables)
+    with caplog.at_level(logging.WARNING):
+        guarded.load_weights(path)
+    guard = guarded.optimizer
+    assert _bits(guard.inner_optimizer.variables) == _bits(bare.optimizer.variables)
+    assert int(guard.guard_step.numpy()) == 0
+    assert "into the inner optimizer" in caplog.text
+
+    # Both continue identically: the slots and iterations really were loaded.
+    resume.train(bare, clean=True)
+    resume.train(guarded, clean=True)
+    assert _bits(bare.weights) == _bits(guarded.weights)
+
+
+def test_keras_file_of_guard_into_bare_optimizer_warns(tmp_path):
+    """Keras' own optimizer loading skips a store of another size with a
+    warning; the README says how to drop the guard (load it guarded, then
+    recompile with `guard.inner_optimizer`)."""
+    guarded = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
+    path = str(tmp_path / "guarded.weights.h5")
+    guarded.save_weights(path)
+    bare = resume.make_model(_bare_adam())
+    bare.optimizer.build(bare.trainable_variables)
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        bare.load_weights(path)
+
+    # The documented way: load guarded, keep the inner optimizer.
+    loaded = resume.make_model()
+    loaded.optimizer.build(loaded.trainable_variables)
+    loaded.load_weights(path)
+    inner = loaded.optimizer.inner_optimizer
+    loaded.compile(optimizer=inner, loss="sparse_categorical_crossentropy")
+    assert _bits(inner.variables) == _bits(guarded.optimizer.inner_optimizer.variables)
+
+
+def test_keras_file_of_other_optimizer_raises(tmp_path):
+    guarded = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
+    path = str(tmp_path / "adam.weights.h5")
+    guarded.save_weights(path)
+    other = resume.make_model(guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)))
+    other.optimizer.build(other.trainable_variables)
+    with pytest.raises(ValueError, match="Cannot load the optimizer state") as info:
+        other.load_weights(path)
+    message = str(info.value)
+    saved = len(guarded.optimizer.variables)
+    assert f"the file holds {saved} optimizer variables" in message
+    assert f"this guard has {len(other.optimizer.variables)}" in message
+
+
+INNER = {
+    "adam": _bare_adam,
+    "loss_scale": lambda: keras.optimizers.LossScaleOptimizer(_bare_adam(), initial_scale=64.0),
+}
+
+
+_CHECKPOINTS = {}
+
+
+def _checkpoints(inner, tmp_path_factory):
+    """A bare and a guarded model trained one epoch, and their checkpoints."""
+    if inner not in _CHECKPOINTS:
+        folder = tmp_path_factory.mktemp(f"ckpt_{inner}")
+        bare = _trained(INNER[inner]())
+        guarded = _trained(guardedopt.GuardedOptimizer(INNER[inner]()))
+        bare_prefix = tf.train.Checkpoint(model=bare, optimizer=bare.optimizer).write(
+            str(folder / "bare" / "ckpt"))
+        guarded_prefix = tf.train.Checkpoint(model=guarded, optimizer=guarded.optimizer).write(
+            str(folder / "guarded" / "ckpt"))
+        _CHECKPOINTS[inner] = (bare, bare_prefix, guarded, guarded_prefix)
+    return _CHECKPOINTS[inner]
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["built", "deferred"])
+@pytest.mark.parametrize("inner", sorted(INNER))
+def test_tf_checkpoint_bare_and_guarded_are_interchangeable(tmp_path_factory, inner, built):
+    """The guard's checkpoint layout is its inner optimizer's plus its own
+    state, so either loads into the other (placeholders are never restored:
+    a bare optimizer must not get learning rate 0 or iterations 0)."""
+    bare, bare_prefix, guarded, guarded_prefix = _checkpoints(inner, tmp_path_factory)
+
+    def restore(model, prefix):
+        if built:
+            model.optimizer.build(model.trainable_variables)
+        status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(prefix)
+        if not built:  # (Keras' LossScaleOptimizer.build is not idempotent)
+            model.optimizer.build(model.trainable_variables)
+        return status
+
+    into_guard = resume.make_model(guardedopt.GuardedOptimizer(INNER[inner]()))
+    restore(into_guard, bare_prefix).expect_partial()
+    guard = into_guard.optimizer
+    assert _bits(guard.inner_optimizer.variables) == _bits(bare.optimizer.variables)
+    assert _bits(into_guard.weights) == _bits(bare.weights)
+    assert int(guard.guard_step.numpy()) == 0  # not in a bare checkpoint
+
+    into_bare = resume.make_model(INNER[inner]())
+    status = restore(into_bare, guarded_prefix)
+    status.assert_existing_objects_matched()
+    guarded_inner = guarded.optimizer.inner_optimizer
+    assert _bits(into_bare.optimizer.variables) == _bits(guarded_inner.variables)
+    assert float(into_bare.optimizer.learning_rate.numpy()) == pytest.approx(1e-2)
+    assert int(into_bare.optimizer.iterations.numpy()) == resume.BATCHES
