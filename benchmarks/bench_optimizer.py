@@ -1,0 +1,326 @@
+"""Optimizer-only overhead: `apply` of GuardedOptimizer vs the bare optimizer and its peers.
+
+One step is `optimizer.apply(grads, variables)` inside `tf.function` (plain, or
+`jit_compile=True`), with fixed random gradients passed as arguments. For each
+configuration (parameter count x number of variables x compile mode x inner
+optimizer) the variants are compiled, warmed up and timed interleaved in one
+process (see `common.interleaved`):
+
+  bare            the inner optimizer alone (the baseline)
+  guard           GuardedOptimizer(inner), all checks on (defaults), check_every=1
+  guard_ce10      the same with check_every=10
+  lso             keras.optimizers.LossScaleOptimizer(inner): one finite check + a cond
+  check_numerics  the bare optimizer traced under tf.debugging.enable_check_numerics()
+                  (not supported under XLA: reported, not run)
+
+A second part times each check alone (all others "ignore") at one size.
+
+    python benchmarks/bench_optimizer.py            # full suite
+    python benchmarks/bench_optimizer.py --quick    # < 1 minute
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["10000", "1000000", "10000000"], "Parameter counts (floats).")
+flags.DEFINE_list("nvars", ["1", "10", "100"], "Number of variables the parameters are split into.")
+flags.DEFINE_bool("full", False,
+                  "Every size x variable count x inner optimizer (about 35 minutes here). Default: "
+                  "Adam at every size in 1 and 10 variables plus 1e6 in 100 variables, SGD at 1e6 in "
+                  "10 variables (the 100-variable steps take a minute each to compile).")
+flags.DEFINE_list("modes", ["xla", "graph"], "xla: tf.function(jit_compile=True); graph: plain tf.function.")
+flags.DEFINE_list("inners", ["adam", "sgd"], "Inner optimizers.")
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "lso", "check_numerics"],
+                  "Variants compared in each configuration. A guard variant may name the package "
+                  "to take GuardedOptimizer from: guard@guardedopt_candidate (on PYTHONPATH).")
+flags.DEFINE_bool("checks_alone", True, "Also time each check alone (others 'ignore').")
+flags.DEFINE_integer("alone_size", 1_000_000, "Parameter count of the each-check-alone part.")
+flags.DEFINE_integer("alone_nvars", 10, "Variables of the each-check-alone part.")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds per configuration.")
+flags.DEFINE_float("block_ms", 40.0, "Target time of one timed block (sets the steps per block).")
+flags.DEFINE_integer("max_inner", 50, "At most this many steps per timed block.")
+flags.DEFINE_float("group_budget_s", 30.0, "Stop a configuration's rounds after this long (>= 3 rounds).")
+flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
+flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no each-check-alone part.")
+flags.DEFINE_string("tag", "", "Suffix of the result files (results/optimizer<tag>.*).")
+flags.DEFINE_integer("seed", 0, "Random seed of weights and gradients.")
+
+CHECKS = ("zero_gradient", "nonfinite_gradient", "nonfinite_weights", "tiny_step", "large_step")
+ALL_IGNORE = {c: "ignore" for c in CHECKS}
+
+
+def guard_options(variant):
+    """Options of a guard variant, or None if `variant` is not a guard."""
+    if variant == "guard":
+        return {}
+    if variant == "guard_ce10":
+        return dict(check_every=10)
+    if variant == "guard_off":
+        return dict(ALL_IGNORE, none_gradient="ignore")
+    if variant.startswith("only_"):
+        check = variant[len("only_"):]
+        options = dict(ALL_IGNORE, none_gradient="ignore")
+        options[check] = "warn"
+        return options
+    return None
+
+
+def make_inner(name):
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=1e-3)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=1e-2)
+    if name == "sgdm":
+        return keras.optimizers.SGD(learning_rate=1e-2, momentum=0.9)
+    raise ValueError(f"unknown inner optimizer {name!r}")
+
+
+def make_optimizer(variant, inner_name):
+    import keras
+
+    variant, module = common.guard_module(variant)
+    GuardedOptimizer = module.GuardedOptimizer  # noqa: N806
+    inner = make_inner(inner_name)
+    if variant in ("bare", "check_numerics"):
+        return inner
+    if variant == "lso":
+        return keras.optimizers.LossScaleOptimizer(inner)
+    options = guard_options(variant)
+    if options is None:
+        raise ValueError(f"unknown variant {variant!r}")
+    return GuardedOptimizer(inner, **options)
+
+
+def make_parameters(size, nvars, seed):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    per = [size // nvars] * nvars
+    per[-1] += size - sum(per)
+    variables, grads = [], []
+    for i, n in enumerate(per):
+        variables.append(keras.Variable(rng.standard_normal(n, dtype=np.float32) * 0.1, name=f"w{i}"))
+        grads.append(tf.constant(rng.standard_normal(n, dtype=np.float32) * 1e-3))
+    return variables, grads
+
+
+def build_step(variant, inner_name, variables, grads, jit):
+    """Returns (step callable, compile seconds, status, error)."""
+    import tensorflow as tf
+
+    optimizer = make_optimizer(variant, inner_name)
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=jit)
+    def step(g):
+        optimizer.apply(g, variables)
+        return optimizer.iterations.value if hasattr(optimizer.iterations, "value") else optimizer.iterations
+
+    numerics = variant.partition("@")[0] == "check_numerics"
+    if numerics:
+        tf.debugging.enable_check_numerics()
+    t0 = time.perf_counter()
+    try:
+        step(grads).numpy()
+    except Exception as error:  # noqa: BLE001 - reported, not hidden
+        text = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        return None, time.perf_counter() - t0, "unsupported", text
+    finally:
+        if numerics:
+            tf.debugging.disable_check_numerics()
+    return (lambda: step(grads)), time.perf_counter() - t0, "ok", ""
+
+
+def choose_inner(steps, block_ms, max_inner):
+    """Steps per timed block: enough that the slowest variant's block takes ~block_ms."""
+    slowest = 0.0
+    for fn in steps.values():
+        t0 = time.perf_counter()
+        common._sync(fn())
+        slowest = max(slowest, (time.perf_counter() - t0) * 1e3)
+    return int(max(1, min(max_inner, round(block_ms / max(slowest, 1e-3)))))
+
+
+def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
+    import tensorflow as tf
+
+    jit = mode == "xla"
+    variables, grads = make_parameters(size, nvars, FLAGS.seed)
+    steps, rows = {}, []
+    for variant in variants:
+        fn, compile_s, status, error = build_step(variant, inner_name, variables, grads, jit)
+        row = dict(part=tag, size=size, nvars=nvars, mode=mode, inner=inner_name, variant=variant,
+                   compile_s=round(compile_s, 3), status=status, error=error)
+        rows.append(row)
+        if fn is not None:
+            steps[variant] = fn
+    inner = choose_inner(steps, FLAGS.block_ms, FLAGS.max_inner)
+    stats = common.interleaved(steps, baseline="bare", rounds=rounds, inner=inner, warmup=1,
+                               budget_s=FLAGS.group_budget_s)
+    for row in rows:
+        s = stats.get(row["variant"])
+        row["inner_steps"] = inner
+        if s is not None:
+            row.update(s)
+    del steps, variables, grads
+    gc.collect()
+    tf.keras.backend.clear_session() if hasattr(tf, "keras") else None
+    return rows, stats
+
+
+def main(argv):
+    del argv
+    common.quiet_tensorflow()
+    threads = common.configure_threads(FLAGS.threads)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    sizes = [int(float(s)) for s in FLAGS.sizes]
+    nvars_list = [int(n) for n in FLAGS.nvars]
+    inners, modes, variants, rounds = FLAGS.inners, FLAGS.modes, FLAGS.variants, FLAGS.rounds
+    alone_size, alone_nvars = FLAGS.alone_size, FLAGS.alone_nvars
+    if FLAGS.quick:
+        sizes, nvars_list, inners, rounds = [10_000, 1_000_000], [1], ["adam"], 3
+        FLAGS.checks_alone = False
+    meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
+                rounds=rounds, block_ms=FLAGS.block_ms)
+    print(f"machine: {meta['machine'].get('Model name')} ({meta['machine'].get('CPU(s)')} CPUs), "
+          f"TF {tf.__version__}, threads {threads}", flush=True)
+    started = time.perf_counter()
+    all_rows, groups = [], {}
+    configs = [(inner_name, size, nvars) for inner_name in inners for size in sizes for nvars in nvars_list]
+    if not FLAGS.full and not FLAGS.quick:
+        configs = [c for c in configs if c[0] == "adam" and (c[2] != 100 or c[1] == 1_000_000)
+                   or c == ("sgd", 1_000_000, 10)]
+    for mode in modes:
+        for inner_name, size, nvars in configs:
+            t0 = time.perf_counter()
+            rows, stats = run_group(size, nvars, mode, inner_name, variants, rounds, "matrix")
+            all_rows += rows
+            label = f"{mode}/{inner_name}/{size:.0e}/{nvars}v"
+            groups[label] = stats
+            bare = stats.get("bare", {}).get("median_ms", float("nan"))
+            print(f"  {label:28s} bare {bare:8.3f} ms  " + "  ".join(
+                f"{v} {common.fmt_ratio(stats.get(v))}" for v in variants if v != "bare")
+                + f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    alone_groups = {}
+    if FLAGS.checks_alone:
+        alone = ["bare", "guard_off"] + [f"only_{c}" for c in CHECKS] + ["guard", "guard_ce10"]
+        for mode in modes:
+            rows, stats = run_group(alone_size, alone_nvars, mode, "adam", alone, rounds, "alone")
+            all_rows += rows
+            alone_groups[f"{mode}/adam/{alone_size:.0e}/{alone_nvars}v"] = stats
+            print(f"  alone {mode}: " + "  ".join(
+                f"{v} {common.fmt_ratio(stats.get(v))}" for v in alone if v != "bare"), flush=True)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = "optimizer" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
+    paths = common.write_rows(all_rows, stem, meta)
+
+    # ---- tables
+    text = report(all_rows, variants, alone_groups, meta)
+    paths["md"] = common.save_text(text, stem)
+    chart_variants = [v for v in variants if v != "bare"]
+    xla_groups = {k: v for k, v in groups.items() if k.startswith("xla")}
+    graph_groups = {k: v for k, v in groups.items() if k.startswith("graph")}
+    for name, g in (("xla", xla_groups), ("graph", graph_groups)):
+        if g:
+            paths[f"png_{name}"] = common.ratio_chart(
+                g, os.path.join(common.RESULTS_DIR, f"{stem}_{name}.png"),
+                f"apply() time / bare optimizer, {name} (median of interleaved rounds, IQR)",
+                chart_variants, bars=(1.25,))
+    if alone_groups:
+        paths["png_alone"] = common.ratio_chart(
+            alone_groups, os.path.join(common.RESULTS_DIR, f"{stem}_alone.png"),
+            "each check alone (others 'ignore'), Adam", [v for v in alone if v != "bare"], bars=(1.25,))
+    print(f"\nwrote {', '.join(p for p in paths.values() if p)}  ({meta['elapsed_s']} s)")
+
+
+def report(rows, variants, alone_groups, meta):
+    by = {}
+    for r in rows:
+        by.setdefault((r["part"], r["mode"], r["inner"], r["size"], r["nvars"]), {})[r["variant"]] = r
+    headers = ["mode", "inner", "params", "vars", "bare ms"] + [f"{v} ratio [IQR]" for v in variants if v != "bare"]
+    table_rows = []
+    for (part, mode, inner, size, nvars), vs in by.items():
+        if part != "matrix":
+            continue
+        cells = [mode, inner, f"{size:.0e}", nvars, f"{vs['bare'].get('median_ms', float('nan')):.3f}"]
+        for v in variants:
+            if v == "bare":
+                continue
+            r = vs.get(v)
+            if r is None:
+                cells.append("-")
+            elif r["status"] != "ok":
+                cells.append(r["status"])
+            else:
+                cells.append(common.fmt_ratio(r))
+        table_rows.append(cells)
+    text = common.print_table(headers, table_rows, "apply() time relative to the bare optimizer (wall, median of per-round ratios [IQR])")
+    # CPU-time view of the same (less sensitive to other processes on the machine)
+    cpu_rows = []
+    for (part, mode, inner, size, nvars), vs in by.items():
+        if part != "matrix":
+            continue
+        cells = [mode, inner, f"{size:.0e}", nvars, f"{vs['bare'].get('median_cpu_ms', float('nan')):.3f}"]
+        for v in variants:
+            if v == "bare":
+                continue
+            r = vs.get(v)
+            cells.append("-" if r is None or r["status"] != "ok" else
+                         f"{r['cpu_ratio_median']:.3f} [{r['cpu_ratio_q25']:.2f}-{r['cpu_ratio_q75']:.2f}]")
+        cpu_rows.append(cells)
+    text += "\n" + common.print_table(
+        ["mode", "inner", "params", "vars", "bare cpu ms"] + [f"{v} cpu ratio" for v in variants if v != "bare"],
+        cpu_rows, "same, process CPU time")
+    if alone_groups:
+        alone_rows = []
+        for label, stats in alone_groups.items():
+            for v, s in stats.items():
+                alone_rows.append([label, v, f"{s['median_ms']:.3f}", common.fmt_ratio(s),
+                                   f"{s['cpu_ratio_median']:.3f}"])
+        text += "\n" + common.print_table(["config", "variant", "median ms", "ratio [IQR]", "cpu ratio"],
+                                          alone_rows, "each check alone (others 'ignore')")
+    # unsupported variants
+    errors = {(r["mode"], r["variant"]): r["error"] for r in rows if r["status"] != "ok"}
+    for (mode, variant), error in sorted(errors.items()):
+        line = f"\n{variant} under {mode}: not supported -> {error}"
+        print(line)
+        text += "\n" + line
+    # the bar
+    verdicts = []
+    for (part, mode, inner, size, nvars), vs in by.items():
+        if part != "matrix" or mode != "xla" or inner != "adam" or size < 1_000_000:
+            continue
+        g, lso = vs.get("guard"), vs.get("lso")
+        if not g or "ratio_median" not in g:
+            continue
+        ok1 = g["ratio_median"] <= 1.25
+        line = f"xla adam {size:.0e} {nvars}v: guard {g['ratio_median']:.3f}x (bar <= 1.25: {'met' if ok1 else 'NOT met'})"
+        if lso and "ratio_median" in lso:
+            ok2 = g["ratio_median"] - 1 <= lso["ratio_median"] - 1 + 0.10
+            line += f"; lso {lso['ratio_median']:.3f}x (bar guard <= lso + 0.10: {'met' if ok2 else 'NOT met'})"
+        verdicts.append(line)
+    if verdicts:
+        text += "\n\n### Bar (optimizer-only, XLA, Adam, >= 1e6 params)\n\n" + "\n".join("- " + v for v in verdicts)
+        print("\n".join(verdicts))
+    return text
+
+
+if __name__ == "__main__":
+    app.run(main)

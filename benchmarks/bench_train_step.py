@@ -1,0 +1,260 @@
+"""Train-step overhead: `model.fit` steps with GuardedOptimizer vs the bare optimizer.
+
+Three small models on fixed synthetic data (one batch, repeated):
+
+  mlp        784-512-512-10 dense network (0.67 M parameters), batch 128
+  cnn        two 3x3 convolutions + dense head on 28x28x1 (1.2 M parameters), batch 32
+  embedding  Embedding(20000, 64) -> mean -> dense (1.3 M parameters, sparse
+             `IndexedSlices` gradients for the table), batch 128, 32 tokens
+
+each compiled with `jit_compile=False` and `jit_compile=True`, and these variants:
+
+  bare        Adam
+  guard       GuardedOptimizer(Adam()), all checks on (defaults), check_every=1
+  guard_ce10  the same with check_every=10
+  guard_cb    guard plus GuardCallback in fit (its per-batch host read included)
+
+Time per step is the interval between consecutive `on_train_batch_begin` calls
+of a `fit(steps_per_epoch=inner + 1)` call (the whole fit loop: data, compiled
+step, callbacks), median over the batches of one call. Variants are timed
+interleaved, one `fit` call per variant per round (see `common.interleaved`).
+
+    python benchmarks/bench_train_step.py
+    python benchmarks/bench_train_step.py --quick
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["mlp", "cnn", "embedding"], "Models.")
+flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_cb"],
+                  "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
+flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant per round).")
+flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
+flags.DEFINE_float("block_s", 0.3, "Target duration of one fit call when --steps=0.")
+flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
+flags.DEFINE_bool("quick", False, "mlp only, bare/guard/guard_ce10, 3 rounds (< 1 minute).")
+flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
+
+
+def build_model(name, seed=0):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        model = keras.Sequential([
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        x = rng.standard_normal((128, 784), dtype=np.float32)
+        y = rng.integers(0, 10, 128)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    elif name == "cnn":
+        model = keras.Sequential([
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        x = rng.standard_normal((32, 28, 28, 1), dtype=np.float32)
+        y = rng.integers(0, 10, 32)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    elif name == "embedding":
+        model = keras.Sequential([
+            keras.Input((32,), dtype="int32"),
+            keras.layers.Embedding(20000, 64),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(1),
+        ])
+        x = rng.integers(0, 20000, (128, 32)).astype(np.int32)
+        y = rng.integers(0, 2, (128, 1)).astype(np.float32)
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
+    return model, loss, data
+
+
+class StepTimer:
+    """Keras callback: intervals between consecutive batch begins (seconds)."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.marks = []
+                self.cpu = []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self.marks.append(time.perf_counter())
+                self.cpu.append(time.process_time())
+
+        return _Timer()
+
+
+def make_variant(model_name, variant, jit):
+    import keras
+
+    variant, guardedopt = common.guard_module(variant)
+    model, loss, data = build_model(model_name)
+    inner = keras.optimizers.Adam(1e-3)
+    callbacks = []
+    if variant == "bare":
+        optimizer = inner
+    elif variant in ("guard", "guard_cb"):
+        optimizer = guardedopt.GuardedOptimizer(inner)
+        if variant == "guard_cb":
+            callbacks.append(guardedopt.GuardCallback())
+    elif variant == "guard_ce10":
+        optimizer = guardedopt.GuardedOptimizer(inner, check_every=10)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
+    return model, data, callbacks
+
+
+def fit_block(model, data, callbacks, steps):
+    """One fit call of steps+1 batches; per-step wall and CPU ms (median over batches)."""
+    import numpy as np
+
+    timer = StepTimer()
+    model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer] + callbacks)
+    wall = np.diff(timer.marks) * 1e3
+    cpu = np.diff(timer.cpu) * 1e3
+    return float(np.median(wall)), float(np.median(cpu))
+
+
+def run_group(model_name, mode, variants, rounds):
+    import numpy as np
+
+    jit = mode == "xla"
+    built = {}
+    compile_s = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        model, data, callbacks = make_variant(model_name, variant, jit)
+        fit_block(model, data, callbacks, 2)  # trace, compile, warm up
+        compile_s[variant] = time.perf_counter() - t0
+        built[variant] = (model, data, callbacks)
+    if FLAGS.steps > 0:
+        steps = FLAGS.steps
+    else:
+        slowest = max(fit_block(*built[v], 3)[0] for v in variants)
+        steps = int(max(3, min(50, round(FLAGS.block_s * 1e3 / max(slowest, 1e-3)))))
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        if r % 2:
+            order = order[::-1]
+        for v in order:
+            w, c = fit_block(*built[v], steps)
+            wall[v].append(w)
+            cpu[v].append(c)
+    stats = common.summarize(wall, cpu, "bare")
+    rows = []
+    for v in variants:
+        model = built[v][0]
+        params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+        row = dict(model=model_name, mode=mode, variant=v, params=params, steps_per_block=steps,
+                   compile_s=round(compile_s[v], 2))
+        row.update(stats[v])
+        rows.append(row)
+    del built
+    gc.collect()
+    return rows, stats
+
+
+def main(argv):
+    del argv
+    common.quiet_tensorflow()
+    threads = common.configure_threads(FLAGS.threads)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    models, modes, variants, rounds = FLAGS.models, FLAGS.modes, FLAGS.variants, FLAGS.rounds
+    if FLAGS.quick:
+        models, rounds, variants = ["mlp"], 3, ["bare", "guard", "guard_ce10"]
+        FLAGS.block_s = min(FLAGS.block_s, 0.15)
+    meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
+                rounds=rounds)
+    print(f"machine: {meta['machine'].get('Model name')} ({meta['machine'].get('CPU(s)')} CPUs), "
+          f"TF {tf.__version__}, threads {threads}", flush=True)
+    started = time.perf_counter()
+    all_rows, groups = [], {}
+    for mode in modes:
+        for model_name in models:
+            t0 = time.perf_counter()
+            rows, stats = run_group(model_name, mode, variants, rounds)
+            all_rows += rows
+            groups[f"{model_name}/{mode}"] = stats
+            print(f"  {model_name:10s} {mode:5s} bare {stats['bare']['median_ms']:8.3f} ms/step  " + "  ".join(
+                f"{v} {common.fmt_ratio(stats[v])}" for v in variants if v != "bare")
+                + f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = "train_step" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
+    paths = common.write_rows(all_rows, stem, meta)
+    text = report(all_rows, variants)
+    paths["md"] = common.save_text(text, stem)
+    paths["png"] = common.ratio_chart(
+        groups, os.path.join(common.RESULTS_DIR, stem + ".png"),
+        "fit step time / bare Adam (median of interleaved rounds, IQR)",
+        [v for v in variants if v != "bare"], bars=(1.01, 1.03))
+    print(f"\nwrote {', '.join(p for p in paths.values() if p)}  ({meta['elapsed_s']} s)")
+
+
+def report(rows, variants):
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["mode"]), {})[r["variant"]] = r
+    headers = ["model", "mode", "params", "bare ms/step"] + [f"{v} ratio [IQR]" for v in variants if v != "bare"] \
+        + [f"{v} cpu ratio" for v in variants if v != "bare"]
+    table = []
+    for (model, mode), vs in by.items():
+        cells = [model, mode, f"{vs['bare']['params']:,}", f"{vs['bare']['median_ms']:.2f}"]
+        cells += [common.fmt_ratio(vs.get(v)) for v in variants if v != "bare"]
+        cells += [f"{vs[v]['cpu_ratio_median']:.3f}" if v in vs else "-" for v in variants if v != "bare"]
+        table.append(cells)
+    text = common.print_table(headers, table, "fit step time relative to bare Adam (wall, median of per-round ratios [IQR])")
+    lines = []
+    for (model, mode), vs in by.items():
+        if mode != "xla" or model not in ("mlp", "cnn"):
+            continue
+        g, g10 = vs.get("guard"), vs.get("guard_ce10")
+        if g:
+            over = (g["ratio_median"] - 1) * 100
+            lines.append(f"{model} xla check_every=1: {over:+.1f}% (bar <= 3%: {'met' if over <= 3 else 'NOT met'})")
+        if g10:
+            over = (g10["ratio_median"] - 1) * 100
+            lines.append(f"{model} xla check_every=10: {over:+.1f}% (bar <= 1%: {'met' if over <= 1 else 'NOT met'})")
+    if lines:
+        print("\n".join(lines))
+        text += "\n\n### Bar (train step, XLA)\n\n" + "\n".join("- " + x for x in lines)
+    return text
+
+
+if __name__ == "__main__":
+    app.run(main)
