@@ -786,74 +786,56 @@ def _frozen_dynamic(trace, paths, unchanged, others_move, gradient_kinds) -> Lis
     for i in unchanged:
         kind = (gradient_kinds or {}).get(paths[i], "unknown")
         groups[kind].append(paths[i])
-    out = []
     context = (
         "while the other weights did" if others_move
         else "although `optimizer.iterations` advanced"
     )
-    if groups["nonzero"]:
-        names = groups["nonzero"]
+    steps = trace.steps
+    # kind -> (code, message ending, hint), in report order.
+    explanations = {
+        "nonzero": (
+            F.FROZEN_VARIABLES,
+            f"never changed in {steps} steps {context}, although their gradient is not "
+            "0: {names}. They are left out of the variable list passed to "
+            "`apply_gradients`.",
+            "pass every trainable weight: "
+            "`optimizer.apply_gradients(zip(grads, model.trainable_variables))` "
+            "with `grads = tape.gradient(loss, model.trainable_variables)`",
+        ),
+        "zero": (
+            F.ZERO_GRADIENT,
+            f"never changed in {steps} steps because their gradient is exactly 0: "
+            "{names}.",
+            "look for dead ReLUs (bias or inputs that keep every unit negative; "
+            "try LeakyReLU, He initialisation, normalised inputs), or a "
+            "`stop_gradient`/`argmax`/`round` in the loss path",
+        ),
+        "none": (
+            F.NONE_GRADIENT,
+            "never changed because the loss does not depend on them (None gradient): "
+            "{names}.",
+            "use these weights in the forward pass, or mark their layer "
+            "`trainable=False` if they are not meant to learn",
+        ),
+        "unknown": (
+            F.FROZEN_VARIABLES,
+            f"never changed in {steps} steps {context}: " "{names}.",
+            "make sure they are in the list passed to `apply_gradients` (use "
+            "`model.trainable_variables`) and that the loss depends on them; pass "
+            "`loss=` to `diagnose` to tell the two apart",
+        ),
+    }
+    out = []
+    for kind, (code, ending, hint) in explanations.items():
+        names = groups[kind]
+        if not names:
+            continue
         out.append(F.Finding(
-            code=F.FROZEN_VARIABLES,
-            message=(
-                f"{len(names)} trainable weight(s) never changed in {trace.steps} steps "
-                f"{context}, although their gradient is not 0: {_names(names)}. They are "
-                "left out of the variable list passed to `apply_gradients`."
-            ),
-            hint=(
-                "pass every trainable weight: "
-                "`optimizer.apply_gradients(zip(grads, model.trainable_variables))` "
-                "with `grads = tape.gradient(loss, model.trainable_variables)`"
-            ),
-            variables=tuple(names), first_step=1, last_step=trace.steps,
-            value=float(len(names)), severity=F.WARNING, count=trace.steps,
-        ))
-    if groups["zero"]:
-        names = groups["zero"]
-        out.append(F.Finding(
-            code=F.ZERO_GRADIENT,
-            message=(
-                f"{len(names)} trainable weight(s) never changed in {trace.steps} steps "
-                f"because their gradient is exactly 0: {_names(names)}."
-            ),
-            hint=(
-                "look for dead ReLUs (bias or inputs that keep every unit negative; "
-                "try LeakyReLU, He initialisation, normalised inputs), or a "
-                "`stop_gradient`/`argmax`/`round` in the loss path"
-            ),
-            variables=tuple(names), first_step=1, last_step=trace.steps,
-            value=float(len(names)), severity=F.WARNING, count=trace.steps,
-        ))
-    if groups["none"]:
-        names = groups["none"]
-        out.append(F.Finding(
-            code=F.NONE_GRADIENT,
-            message=(
-                f"{len(names)} trainable weight(s) never changed because the loss does "
-                f"not depend on them (None gradient): {_names(names)}."
-            ),
-            hint=(
-                "use these weights in the forward pass, or mark their layer "
-                "`trainable=False` if they are not meant to learn"
-            ),
-            variables=tuple(names), first_step=1, last_step=trace.steps,
-            value=float(len(names)), severity=F.WARNING, count=trace.steps,
-        ))
-    if groups["unknown"]:
-        names = groups["unknown"]
-        out.append(F.Finding(
-            code=F.FROZEN_VARIABLES,
-            message=(
-                f"{len(names)} trainable weight(s) never changed in {trace.steps} steps "
-                f"{context}: {_names(names)}."
-            ),
-            hint=(
-                "make sure they are in the list passed to `apply_gradients` (use "
-                "`model.trainable_variables`) and that the loss depends on them; pass "
-                "`loss=` to `diagnose` to tell the two apart"
-            ),
-            variables=tuple(names), first_step=1, last_step=trace.steps,
-            value=float(len(names)), severity=F.WARNING, count=trace.steps,
+            code=code,
+            message=f"{len(names)} trainable weight(s) " + ending.format(names=_names(names)),
+            hint=hint,
+            variables=tuple(names), first_step=1, last_step=steps,
+            value=float(len(names)), severity=F.WARNING, count=steps,
         ))
     return out
 
