@@ -6,11 +6,10 @@ it does for the bare optimizer, and no `merge_call` inside a `cond` breaks
 `tf.distribute` (keras#17429). Before the update the guard reads the gradients
 once (non-finite and all-zero flags, fused into the same pass under XLA) and
 keeps the pre-update values of the weights and of the inner optimizer's
-variables (XLA keeps the old buffers; no copy is made). After the update, a
-skipped step writes the old values back: `where(skip, old, new)` under XLA and
-in eager mode (the select fuses into the update's own loop when the decision is
-known before the update), a `cond` that runs only on skipped steps in a
-non-XLA graph. The measuring checks (effective step size) reduce the old and
+variables (under XLA a transient copy; see the README's "Performance"). After
+the update, a skipped step writes the old values back (see `_restore`: a select
+that fuses into the update's loop when the decision is known from the
+gradients, a `cond` otherwise). The measuring checks (effective step size) reduce the old and
 new values of each variable; `check_every` amortises them. All decisions and
 counters live in optimizer variables; the host reads them at boundaries
 (`GuardCallback`, `check()`, `report()`, the end of `fit`).
