@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import time
 
@@ -138,7 +139,11 @@ def build_step(variant, inner_name, variables, grads, jit):
     try:
         step(grads).numpy()
     except Exception as error:  # noqa: BLE001 - reported, not hidden
-        text = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        message = str(error)
+        ops = sorted(set(re.findall(r"\b(Debug\w+|CheckNumerics\w*)", message)))
+        text = f"{type(error).__name__}: {message.strip().splitlines()[0][:120]}"
+        if ops:
+            text += f" (ops not compilable by XLA: {', '.join(ops)})"
         return None, time.perf_counter() - t0, "unsupported", text
     finally:
         if numerics:
