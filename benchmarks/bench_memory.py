@@ -46,7 +46,7 @@ flags.DEFINE_integer("nvars_size", 1_000_000, "Parameter count of the variable-c
 flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "lso"], "Variants.")
 flags.DEFINE_integer("rss_size", 10_000_000, "Parameter count of the RSS part (0: skip it).")
 flags.DEFINE_integer("threads", 1, "TF threads.")
-flags.DEFINE_bool("quick", False, "bare and guard only; sizes 1e4 and 1e6; 1 and 10 variables.")
+flags.DEFINE_bool("quick", False, "bare and guard only, 1e6 parameters in 1 variable, no RSS part.")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/memory<tag>.*).")
 flags.DEFINE_string("worker", "", "Internal: run the XLA-dump worker with this JSON spec.")
 
@@ -226,7 +226,7 @@ def main(argv):
     rss_size = FLAGS.rss_size
     variants = FLAGS.variants
     if FLAGS.quick:
-        sizes, nvars_list, variants = [10_000, 1_000_000], [1, 10], ["bare", "guard"]
+        sizes, nvars_list, variants, rss_size = [1_000_000], [1], ["bare", "guard"], 0
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick)
     started = time.perf_counter()
 

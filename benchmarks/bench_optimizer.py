@@ -162,7 +162,7 @@ def choose_inner(steps, block_ms, max_inner):
 
 
 def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
-    import tensorflow as tf
+    import keras
 
     jit = mode == "xla"
     variables, grads = make_parameters(size, nvars, FLAGS.seed)
@@ -184,7 +184,7 @@ def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
             row.update(s)
     del steps, variables, grads
     gc.collect()
-    tf.keras.backend.clear_session() if hasattr(tf, "keras") else None
+    keras.backend.clear_session()
     return rows, stats
 
 

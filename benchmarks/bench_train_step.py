@@ -45,7 +45,7 @@ flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant 
 flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
 flags.DEFINE_float("block_s", 0.3, "Target duration of one fit call when --steps=0.")
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
-flags.DEFINE_bool("quick", False, "mlp only, bare/guard/guard_ce10, 3 rounds (< 1 minute).")
+flags.DEFINE_bool("quick", False, "mlp under XLA only, bare/guard/guard_ce10, 3 rounds (< 1 minute).")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
 
 
@@ -197,7 +197,7 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")
     models, modes, variants, rounds = FLAGS.models, FLAGS.modes, FLAGS.variants, FLAGS.rounds
     if FLAGS.quick:
-        models, rounds, variants = ["mlp"], 3, ["bare", "guard", "guard_ce10"]
+        models, modes, rounds, variants = ["mlp"], ["xla"], 3, ["bare", "guard", "guard_ce10"]
         FLAGS.block_s = min(FLAGS.block_s, 0.15)
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
                 rounds=rounds)

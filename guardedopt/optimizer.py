@@ -943,8 +943,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         eagerly) it restores through a select, which XLA fuses into the
         update's own loop: no extra pass over the weights. `skip_after` needs
         the updated weights (non-finite weights, "raise" of the step checks);
-        a select on it would be a second pass over every variable, so it is a
-        `cond` that runs only on such a step. In a non-XLA graph both are one
+        it is written as a `cond`, but XLA's conditional simplifier turns it
+        into selects, so under XLA it costs a copy of the old weights and an
+        extra pass (measured; see the README's "Performance"). In a non-XLA graph both are one
         `cond`. Under `tf.distribute` both are selects, because a `cond` whose
         branch merges replicas fails there (keras#17429).
         """
