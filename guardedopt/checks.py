@@ -3,6 +3,16 @@
 Every function here takes tensors and returns tensors, uses only XLA-compilable
 ops (no `tf.print`, `py_function`, `Assert` or host reads), and is tested alone
 in `tests/test_checks.py`. `GuardedOptimizer` composes them inside its step.
+
+Cost model (XLA:CPU in TF 2.21, measured; README "Performance"). A plain
+`reduce_sum`/`reduce_max` of an array runs as one fast library call; a
+reduction of a computed value (`|x|`, `x*x`, `is_finite(x)`) first writes that
+value to a full-size temporary. So the checks of a large variable read it with
+plain sums only, and answer the rest from a fixed strided sample of
+`SAMPLE_SIZE` entries; the exact, slower form runs in a conditional that is
+taken only when the cheap screen cannot decide (`screened_largest_magnitudes`).
+XLA keeps such a conditional (its branches hold reductions); it turns a
+conditional of only elementwise ops into selects that compute both branches.
 """
 
 from __future__ import annotations
@@ -10,6 +20,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import tensorflow as tf
+
+# Entries of a variable that the sampled checks read. Variables up to this size
+# are checked exactly and in full.
+SAMPLE_SIZE = 1024
 
 
 def gradient_values(gradient):
@@ -52,6 +66,192 @@ def nonfinite_and_zero(tensor):
         return tf.constant(False), tf.constant(False)
     largest = largest_magnitude(values)
     return tf.math.is_inf(largest), tf.equal(largest, tf.zeros([], largest.dtype))
+
+
+def flat_sample(tensor, size: int = SAMPLE_SIZE) -> tf.Tensor:
+    """A fixed, evenly strided sample of at most `size` entries, flattened.
+
+    Entries `0, s, 2s, ...` with `s = n // size`, so the same positions are
+    read at every step. A tensor of at most `size` entries, or of a size
+    unknown at trace time, is returned whole (flattened).
+    """
+    values = tf.reshape(gradient_values(tensor), [-1])
+    n = values.shape.num_elements()
+    if n is None or n <= size:
+        return values
+    return values[:: n // size][:size]
+
+
+def sample_size(n: int, size: int = SAMPLE_SIZE) -> int:
+    """Length of `flat_sample` of a tensor with `n` entries."""
+    return min(n, size)
+
+
+def _static_size(values):
+    return values.shape.num_elements()
+
+
+def _wide(dtype):
+    """float64 for float64, else float32: the dtype the checks compute in."""
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _common_dtype(tensors):
+    return tf.float64 if any(t.dtype == tf.float64 for t in tensors) else tf.float32
+
+
+def stack_samples(tensors: Sequence, dtype, size: int = SAMPLE_SIZE) -> tf.Tensor:
+    """`flat_sample` of each tensor as a row of a `[len(tensors), size]` matrix.
+
+    Rows are zero-padded to `size`. One matrix lets one fused loop answer a
+    question for every variable at once, instead of a few small kernels per
+    variable (each costs the compiled step a fixed few microseconds). Every
+    tensor must have a static size.
+    """
+    rows = []
+    for tensor in tensors:
+        sample = tf.cast(flat_sample(tensor, size), dtype)
+        rows.append(tf.pad(sample, [[0, size - _static_size(sample)]]))
+    return tf.stack(rows) if rows else tf.zeros([0, size], dtype)
+
+
+def row_largest_magnitudes(matrix) -> tf.Tensor:
+    """`largest_magnitude` of each row (zero padding does not change it)."""
+    infinity = tf.constant(float("inf"), matrix.dtype)
+    magnitudes = tf.where(tf.math.is_finite(matrix), tf.abs(matrix), infinity)
+    return tf.reduce_max(magnitudes, axis=1)
+
+
+def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
+    """`largest_magnitude` of each tensor, exact, mostly from plain sums and samples.
+
+    The answer is +Inf exactly when a tensor holds a NaN/Inf and 0 exactly
+    when it is all zero (the two questions of the gradient flags). Tensors of
+    at most `SAMPLE_SIZE` entries are answered exactly from their row of one
+    sample matrix. For a larger tensor the sample proves "not all zero" (a
+    non-zero entry) or "non-finite" (a NaN/Inf entry), and a finite plain sum
+    proves "finite" (NaN and Inf propagate through addition). Only when some
+    large tensor is left undecided (a non-finite sum of values that all look
+    finite in the sample, e.g. finite values whose sum overflows; or an
+    all-zero sample) does the exact single-pass check run, for the large
+    tensors, in one conditional taken only then. Tensors of unknown size
+    (and empty ones) are checked one by one.
+
+    Returns:
+        A vector, one entry per tensor, in float32 (float64 if any tensor is
+        float64); -Inf for an empty tensor.
+    """
+    values = [gradient_values(t) for t in tensors]
+    dtype = _common_dtype(values)
+    sized = [i for i, v in enumerate(values) if _static_size(v)]
+    if len(sized) < len(values):
+        singles = [None if i in sized else _exact_largest(v, dtype) for i, v in enumerate(values)]
+        screened = screened_largest_magnitudes([values[i] for i in sized]) if sized else None
+        return _merge(singles, screened, sized, dtype)
+    answers = row_largest_magnitudes(stack_samples(values, dtype))
+    large = [i for i, v in enumerate(values) if _static_size(v) > SAMPLE_SIZE]
+    if not large:
+        return answers
+    undecided = []
+    for i in large:
+        total = tf.reduce_sum(values[i])
+        finite_unproven = tf.logical_and(
+            tf.logical_not(tf.math.is_finite(total)), tf.logical_not(tf.math.is_inf(answers[i]))
+        )
+        undecided.append(tf.logical_or(finite_unproven, tf.equal(answers[i], 0)))
+
+    def exact():
+        return tf.stack([_exact_largest(values[i], dtype) for i in large])
+
+    large_answers = tf.cond(
+        tf.reduce_any(tf.stack(undecided)), exact, lambda: tf.gather(answers, large)
+    )
+    if len(large) == len(values):
+        return large_answers
+    return place(large_answers, large, answers)
+
+
+def _exact_largest(values, dtype):
+    if _static_size(values) == 0:
+        return tf.constant(float("-inf"), dtype)
+    return tf.cast(largest_magnitude(values), dtype)
+
+
+def _merge(singles, vector, positions, dtype):
+    """`singles` (None at `positions`) with `vector`'s entries at `positions`, stacked."""
+    entries = list(singles)
+    for j, i in enumerate(positions):
+        entries[i] = tf.cast(vector[j], dtype)
+    return tf.stack(entries) if entries else tf.zeros([0], dtype)
+
+
+def screened_nonfinite_and_zero(tensors: Sequence):
+    """`(is_nonfinite, is_all_zero)` vectors, from `screened_largest_magnitudes`."""
+    largest = screened_largest_magnitudes(tensors)
+    # +Inf, not -Inf: that is an empty tensor (finite, and not "all zero").
+    infinity = tf.constant(float("inf"), largest.dtype)
+    return tf.equal(largest, infinity), tf.equal(largest, tf.zeros([], largest.dtype))
+
+
+def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
+    """`is_nonfinite` of each tensor (static sizes), as a vector.
+
+    Plain sums prove the large tensors finite; the exact check runs, in one
+    conditional, only if one of them is not. `samples`:
+    `stack_samples(tensors, ...)` when already computed; tensors of at most
+    `SAMPLE_SIZE` entries are answered exactly from it.
+    """
+    if not tensors:
+        return tf.zeros([0], tf.bool)
+    if samples is None:
+        samples = stack_samples(tensors, _common_dtype(tensors))
+    # A NaN/Inf that the sample holds is in the tensor too; zero padding and
+    # empty tensors read as finite.
+    in_sample = tf.math.is_inf(row_largest_magnitudes(samples))
+    large = [i for i, t in enumerate(tensors) if _static_size(t) > SAMPLE_SIZE]
+    if not large:
+        return in_sample
+    all_finite = tf.reduce_all(
+        tf.stack([tf.math.is_finite(tf.reduce_sum(tensors[i])) for i in large])
+    )
+
+    def exact():
+        return tf.stack([is_nonfinite(tensors[i]) for i in large])
+
+    flags = tf.cond(all_finite, lambda: tf.zeros([len(large)], tf.bool), exact)
+    return tf.logical_or(in_sample, place(flags, large, tf.zeros([len(tensors)], tf.bool)))
+
+
+def sampled_l2_norms(tensors: Sequence) -> tf.Tensor:
+    """The L2 norm of each tensor, as a vector, estimated from its sample.
+
+    `‖sample‖ * sqrt(n / k)`, exact up to `SAMPLE_SIZE` entries: unbiased in
+    the squared norm for entries of similar magnitude; a norm concentrated in
+    entries the sample misses is underestimated. Tensors of unknown size are
+    measured exactly.
+    """
+    values = [gradient_values(t) for t in tensors]
+    dtype = _common_dtype(values)
+    sized = [i for i, v in enumerate(values) if _static_size(v)]
+    if len(sized) < len(values):
+        singles = [None if i in sized else tf.cast(l2_norm(v), dtype) for i, v in enumerate(values)]
+        norms = sampled_l2_norms([values[i] for i in sized]) if sized else None
+        return _merge(singles, norms, sized, dtype)
+    squares = tf.reduce_sum(tf.square(stack_samples(values, dtype)), axis=1)
+    scale = [_static_size(v) / sample_size(_static_size(v)) for v in values]
+    return tf.sqrt(squares * tf.constant(scale, dtype))
+
+
+def row_relative_steps(previous, current, sizes: Sequence[int], epsilon: float) -> tf.Tensor:
+    """`relative_step` of each row pair of two sample matrices, in float32.
+
+    `sizes[r]` is the number of real (unpadded) entries of row `r`; the
+    epsilon floor uses it, as `relative_step` uses the tensor's size.
+    """
+    floor = tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], previous.dtype)
+    delta = tf.sqrt(tf.reduce_sum(tf.square(current - previous), axis=1))
+    scale = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(previous), axis=1)), floor)
+    return tf.cast(delta / scale, tf.float32)
 
 
 _RELATIVE_RESOLUTION = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
@@ -107,14 +307,31 @@ def record_events(counts, first_step, last_step, flag, step):
     return counts, first_step, last_step
 
 
-def scatter_to_slots(values: Sequence[tf.Tensor], positions: Sequence[int], size: int, fill):
-    """Places per-variable scalars at static `positions` of a length-`size` vector.
+def place(values, positions: Sequence[int], base) -> tf.Tensor:
+    """`base` with row `positions[j]` replaced by `values[j]`, for static positions.
 
-    Positions not listed get `fill`. Positions are Python ints known at trace
-    time, so this is a static gather of scalars, not a dynamic scatter.
+    A gather from `concat([values, base])` with indices known at trace time:
+    no scatter op (which would count as a densifying op next to sparse
+    gradients) and the identity when `positions` lists every row in order.
     """
-    by_position = dict(zip(positions, values))
+    positions = list(positions)
+    size = base.shape[0]
+    if positions == list(range(size)):
+        return values
+    if not positions:
+        return base
+    slot = {p: j for j, p in enumerate(positions)}
+    index = [slot.get(i, len(positions) + i) for i in range(size)]
+    return tf.gather(tf.concat([values, base], axis=0), index)
+
+
+def scatter_to_slots(values, positions: Sequence[int], size: int, fill):
+    """Places per-variable values at static `positions` of a length-`size` vector.
+
+    `values` is a list of scalars or a vector. Positions not listed get
+    `fill`. Positions are Python ints known at trace time (see `place`).
+    """
     fill = tf.convert_to_tensor(fill)
-    return tf.stack([by_position.get(i, fill) for i in range(size)]) if size else tf.zeros(
-        [0], fill.dtype
-    )
+    if isinstance(values, (list, tuple)):
+        values = tf.stack(values) if values else tf.zeros([0], fill.dtype)
+    return place(tf.cast(values, fill.dtype), positions, tf.fill([size], fill))

@@ -85,3 +85,145 @@ def test_record_events():
 def test_scatter_to_slots():
     out = checks.scatter_to_slots([tf.constant(5.0), tf.constant(7.0)], [2, 0], 4, -1.0)
     np.testing.assert_array_equal(out, [7.0, -1.0, 5.0, -1.0])
+
+
+def test_scatter_to_slots_takes_vectors_and_is_the_identity_in_order():
+    vector = tf.constant([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(checks.scatter_to_slots(vector, [0, 1, 2], 3, -1.0), [1, 2, 3])
+    np.testing.assert_array_equal(checks.scatter_to_slots(vector[:2], [3, 1], 4, 0.0), [0, 2, 0, 1])
+    np.testing.assert_array_equal(checks.scatter_to_slots([], [], 2, -1.0), [-1, -1])
+
+
+# ------------------------------------------------------------ sampled checks
+LARGE = 10 * checks.SAMPLE_SIZE + 7  # a stride of 10: entries 0, 10, 20, ... are sampled
+UNSAMPLED = 12_345 % LARGE  # 12345 % 10 != 0: never in the sample
+assert UNSAMPLED % (LARGE // checks.SAMPLE_SIZE)
+
+
+def _large(fill=1.0, at=None, value=None, dtype=np.float32):
+    values = np.full(LARGE, fill, dtype)
+    if at is not None:
+        values[at] = value
+    return tf.constant(values)
+
+
+def test_flat_sample_reads_fixed_strided_positions():
+    values = tf.range(LARGE, dtype=tf.float32)
+    sample = _both(checks.flat_sample, values)
+    assert sample.shape == (checks.SAMPLE_SIZE,)
+    np.testing.assert_array_equal(sample, np.arange(0, 10 * checks.SAMPLE_SIZE, 10))
+    small = tf.reshape(tf.range(6.0), [2, 3])
+    np.testing.assert_array_equal(_both(checks.flat_sample, small), np.arange(6.0))
+    assert checks.sample_size(LARGE) == checks.SAMPLE_SIZE and checks.sample_size(6) == 6
+
+
+def test_stack_samples_pads_rows():
+    rows = _both(lambda a, b: checks.stack_samples([a, b], tf.float32), tf.constant([1.0, -2.0]), _large(3.0))
+    assert rows.shape == (2, checks.SAMPLE_SIZE)
+    np.testing.assert_array_equal(rows[0, :3], [1.0, -2.0, 0.0])
+    assert (rows[1] == 3.0).all()
+
+
+def _flags(*tensors):
+    def both(*values):
+        nonfinite, zero = checks.screened_nonfinite_and_zero(list(values))
+        return tf.stack([nonfinite, zero])
+
+    return _both(both, *tensors)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_screened_flags_find_a_nonfinite_entry_outside_the_sample(bad):
+    flags = _flags(_large(at=UNSAMPLED, value=bad), tf.constant([1.0, 2.0]))
+    np.testing.assert_array_equal(flags, [[True, False], [False, False]])
+
+
+def test_screened_flags_are_exact_for_zero_gradients():
+    almost = _large(0.0, at=UNSAMPLED, value=1e-30)
+    flags = _flags(_large(0.0), almost, tf.constant([0.0, -0.0]), tf.constant([0.0, 2.0]))
+    np.testing.assert_array_equal(flags[1], [True, False, True, False])
+    assert not flags[0].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, tf.bfloat16.as_numpy_dtype, np.float16])
+def test_screened_flags_do_not_skip_finite_values_whose_sum_overflows(dtype):
+    huge = float(tf.as_dtype(dtype).max)
+    flags = _flags(_large(huge, dtype=dtype))
+    np.testing.assert_array_equal(flags, [[False], [False]])
+
+
+def test_screened_flags_of_unknown_and_empty_sizes():
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def dynamic(values):
+        nonfinite, zero = checks.screened_nonfinite_and_zero([values, tf.zeros([0])])
+        return tf.stack([nonfinite, zero])
+
+    np.testing.assert_array_equal(dynamic(tf.constant([1.0, np.nan])), [[True, False], [False, False]])
+    np.testing.assert_array_equal(dynamic(tf.zeros([3])), [[False, False], [True, False]])
+
+
+def test_screened_flags_read_indexed_slices_values():
+    slices = tf.IndexedSlices(tf.constant([[1.0, np.nan]]), tf.constant([2]), tf.constant([5, 2]))
+    nonfinite, zero = checks.screened_nonfinite_and_zero([slices])
+    assert bool(nonfinite[0]) and not bool(zero[0])
+
+
+def test_screened_nonfinite_weights():
+    def run(a, b, c):
+        return checks.screened_nonfinite([a, b, c])
+
+    flags = _both(run, _large(at=UNSAMPLED, value=np.nan), _large(3e38), tf.constant([1.0, np.inf]))
+    np.testing.assert_array_equal(flags, [True, False, True])
+    assert not _both(run, _large(), _large(-2.0), tf.constant([1.0])).any()
+
+
+def _conditionals(fn, *args):
+    hlo = tf.function(fn, jit_compile=True).experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    return hlo.count(" conditional(")
+
+
+def test_exact_checks_stay_behind_an_xla_conditional():
+    """The full-pass exact check must not run on every step: XLA keeps the
+    conditional (it would turn one of only elementwise ops into selects)."""
+    args = (_large(), tf.constant([1.0, 2.0]))
+    assert _conditionals(lambda a, b: checks.screened_nonfinite_and_zero([a, b]), *args) == 1
+    assert _conditionals(lambda a, b: checks.screened_nonfinite([a, b]), *args) == 1
+    # Small tensors only: exact at once, no conditional.
+    assert _conditionals(lambda b: checks.screened_nonfinite_and_zero([b]), args[1]) == 0
+
+
+def test_sampled_l2_norms():
+    rng = np.random.default_rng(0)
+    large = rng.standard_normal(LARGE).astype(np.float32)
+    small = np.array([3.0, 4.0], np.float32)
+    def norms_of(a, b):
+        return checks.sampled_l2_norms([a, b])
+
+    norms = norms_of(tf.constant(large), tf.constant(small)).numpy()
+    compiled = tf.function(norms_of, jit_compile=True)(tf.constant(large), tf.constant(small))
+    np.testing.assert_allclose(compiled, norms, rtol=1e-6)  # XLA sums in another order
+    np.testing.assert_allclose(norms[1], 5.0, rtol=1e-6)  # exact up to SAMPLE_SIZE
+    # An estimate from 1024 of 10247 entries: within 10% for Gaussian entries.
+    np.testing.assert_allclose(norms[0], np.linalg.norm(large), rtol=0.1)
+
+
+def test_row_relative_steps_match_relative_step():
+    rng = np.random.default_rng(1)
+    old = rng.standard_normal((2, 5)).astype(np.float32)
+    new = old + 0.01 * rng.standard_normal((2, 5)).astype(np.float32)
+    new[1, 3:] = old[1, 3:] = 0.0  # row 1 has 3 real entries and 2 of padding
+    rows = checks.row_relative_steps(tf.constant(old), tf.constant(new), [5, 3], 1e-3).numpy()
+    for r, size in enumerate([5, 3]):
+        expected = checks.relative_step(tf.constant(old[r, :size]), tf.constant(new[r, :size]), 1e-3)
+        np.testing.assert_allclose(rows[r], float(expected), rtol=1e-6)
+    zero_rows = checks.row_relative_steps(tf.zeros([1, 4]), tf.fill([1, 4], 1e-3), [4], 1e-3)
+    np.testing.assert_allclose(zero_rows, [1.0], rtol=1e-6)
+
+
+def test_place_replaces_rows_at_static_positions():
+    base = tf.reshape(tf.range(8.0), [4, 2])
+    rows = tf.constant([[-1.0, -1.0], [-2.0, -2.0]])
+    np.testing.assert_array_equal(_both(lambda v, b: checks.place(v, [3, 1], b), rows, base),
+                                  [[0, 1], [-2, -2], [4, 5], [-1, -1]])
+    replacement = base * 2
+    assert checks.place(replacement, [0, 1, 2, 3], base) is replacement

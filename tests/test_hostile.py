@@ -5,9 +5,11 @@ huge values, dtypes float16/bfloat16/float32/float64 and shapes including
 scalars and 0-size variables. Invariants, checked against the bare inner
 optimizer as oracle:
 
-* a step is skipped exactly when a gradient is non-finite or the update turns
-  finite weights non-finite; a skipped step leaves the weights, the inner
-  slots and the inner `iterations` bit-identical, and the counters are exact;
+* a step is skipped exactly when a gradient is non-finite, or (with
+  `nonfinite_weights="skip"`) the update turns finite weights non-finite; a
+  skipped step leaves the weights, the inner slots and the inner `iterations`
+  bit-identical, and the counters are exact (under the default
+  `nonfinite_weights="warn"` the same steps count non-finite weights);
 * a step that is not skipped equals the bare optimizer's step bit for bit;
 * eager, `tf.function` and XLA take the same decisions.
 
@@ -88,14 +90,14 @@ def _bits(values):
     return [np.asarray(keras.ops.convert_to_numpy(v)).tobytes() for v in values]
 
 
-def _setup(specs, inner, guarded, mode):
+def _setup(specs, inner, guarded, mode, weights_policy="warn"):
     variables = [
         keras.Variable(initial, dtype=dtype, name=f"v{i}")
         for i, (dtype, initial, _) in enumerate(specs)
     ]
     optimizer = INNER[inner]()
     if guarded:
-        optimizer = guardedopt.GuardedOptimizer(optimizer)
+        optimizer = guardedopt.GuardedOptimizer(optimizer, nonfinite_weights=weights_policy)
     optimizer.build(variables)
 
     def step(*grads):
@@ -112,10 +114,10 @@ def _grads(specs):
     return [tf.constant(g, dtype=d) for d, _, g in specs]
 
 
-def _oracle(specs, inner, mode, repeats):
+def _oracle(specs, inner, mode, repeats, weights_policy="warn"):
     """The bare inner optimizer, with the guard's rule applied by hand: a step
-    whose gradients are non-finite, or that turns finite weights non-finite,
-    is undone."""
+    whose gradients are non-finite, or (policy "skip") that turns finite
+    weights non-finite, is undone."""
     variables, optimizer, step = _setup(specs, inner, guarded=False, mode=mode)
     state = variables + optimizer.variables
     nonfinite = [bool(g.size) and not np.isfinite(g.astype("float64")).all() for _, _, g in specs]
@@ -128,7 +130,7 @@ def _oracle(specs, inner, mode, repeats):
         weights_bad = [
             bool(w.size) and not np.isfinite(w).all() and not any(nonfinite) for w in weights
         ]
-        skip = any(nonfinite) or any(weights_bad)
+        skip = any(nonfinite) or (weights_policy == "skip" and any(weights_bad))
         if skip:
             for v, value in zip(state, saved):
                 v.assign(value)
@@ -136,9 +138,9 @@ def _oracle(specs, inner, mode, repeats):
     return nonfinite, steps
 
 
-def _check_invariants(specs, inner, mode, oracle_mode="eager", repeats=2):
-    nonfinite, expected = _oracle(specs, inner, oracle_mode, repeats)
-    variables, guard, step = _setup(specs, inner, guarded=True, mode=mode)
+def _check_invariants(specs, inner, mode, oracle_mode="eager", repeats=2, weights_policy="warn"):
+    nonfinite, expected = _oracle(specs, inner, oracle_mode, repeats, weights_policy)
+    variables, guard, step = _setup(specs, inner, guarded=True, mode=mode, weights_policy=weights_policy)
     state = variables + guard.inner_optimizer.variables
     grads = _grads(specs)
     for i, want in enumerate(expected):
@@ -173,17 +175,17 @@ def _check_invariants(specs, inner, mode, oracle_mode="eager", repeats=2):
 
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(problem=problems())
-def test_hostile_gradients_eager(problem):
+@given(problem=problems(), weights_policy=st.sampled_from(["warn", "skip"]))
+def test_hostile_gradients_eager(problem, weights_policy):
     specs, inner = problem
-    _check_invariants(specs, inner, "eager")
+    _check_invariants(specs, inner, "eager", weights_policy=weights_policy)
 
 
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(problem=problems(max_variables=4))
-def test_hostile_gradients_same_decisions_in_every_mode(problem):
+@given(problem=problems(max_variables=4), weights_policy=st.sampled_from(["warn", "skip"]))
+def test_hostile_gradients_same_decisions_in_every_mode(problem, weights_policy):
     """Eager, tf.function and XLA skip the same steps with the same counters.
 
     XLA may round the update itself differently from the kernels used eagerly
@@ -191,10 +193,10 @@ def test_hostile_gradients_same_decisions_in_every_mode(problem):
     the bare optimizer under XLA; the gradient decisions must match exactly.
     """
     specs, inner = problem
-    eager = _check_invariants(specs, inner, "eager")
-    function = _check_invariants(specs, inner, "function")
+    eager = _check_invariants(specs, inner, "eager", weights_policy=weights_policy)
+    function = _check_invariants(specs, inner, "function", weights_policy=weights_policy)
     assert function == eager
-    xla = _check_invariants(specs, inner, "xla", oracle_mode="xla")
+    xla = _check_invariants(specs, inner, "xla", oracle_mode="xla", weights_policy=weights_policy)
     assert xla["nonfinite"] == eager["nonfinite"]
     if not any(eager["nonfinite"]) and xla["weights_bad"] == eager["weights_bad"]:
         assert xla == eager

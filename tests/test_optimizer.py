@@ -208,17 +208,37 @@ def test_large_step_is_reported_with_the_measured_ratio():
     assert "learning rate 50" in found[0].message
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_nonfinite_weights_after_update_are_restored(mode):
-    model = mlp()
-    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(1e10), tiny_step="ignore", large_step="ignore")
+def _overflowing_sgd_step(model, opt, mode):
     # Finite gradients (1e30) whose update (1e40) overflows float32.
     grads = [tf.fill(v.shape, 1e30) for v in model.trainable_variables]
 
     def step():
         opt.apply_gradients(zip(grads, model.trainable_variables))
 
-    step = step if mode == "eager" else tf.function(step, jit_compile=mode == "xla")
+    return step if mode == "eager" else tf.function(step, jit_compile=mode == "xla")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_weights_are_reported_by_default(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(1e10), tiny_step="ignore", large_step="ignore")
+    step = _overflowing_sgd_step(model, opt, mode)
+    step()
+    assert not all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    report = opt.report()
+    found = report.by_code(F.NONFINITE_WEIGHTS)[0]
+    assert found.first_step == 1 and "left as they are" in found.message
+    assert "nonfinite_weights='skip'" in found.message
+    assert report.skipped_steps == 0 and int(opt.iterations) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_weights_after_update_are_restored(mode):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.SGD(1e10), nonfinite_weights="skip", tiny_step="ignore", large_step="ignore"
+    )
+    step = _overflowing_sgd_step(model, opt, mode)
     opt.build(model.trainable_variables)
     before = state_of(model, opt)
     step()
@@ -235,10 +255,13 @@ def test_check_every_measures_only_every_nth_step():
     opt = guardedopt.GuardedOptimizer("adam", check_every=3)
     step = make_step(model, opt, tf.constant(x), tf.constant(y), "graph")
     measured = []
+    previous = opt.last_step_ratio.numpy() if opt.built else None
     for _ in range(7):
         step()
-        measured.append(bool((opt.last_step_ratio.numpy() >= 0).all()))
-        opt.last_step_ratio.assign(-np.ones_like(opt.last_step_ratio.numpy()))
+        ratio = opt.last_step_ratio.numpy()
+        # An unmeasured step keeps the last ratio (-1 before the first).
+        measured.append(bool((ratio >= 0).all() and (previous is None or (ratio != previous).all())))
+        previous = ratio
     assert measured == [False, False, True, False, False, True, False]
 
 
@@ -413,3 +436,108 @@ def test_end_of_fit_summary_and_rate_limited_repeats(caplog):
     caplog.clear()
     quiet._log_once(opt.report().findings[0], count=5)
     assert not caplog.records
+
+
+# ------------------------------------------- large variables: sampled screens
+def _wide_model():
+    """A kernel of 40 x 300 = 12000 entries: far above checks.SAMPLE_SIZE."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((40,)), keras.layers.Dense(300), keras.layers.Dense(2)])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_outside_the_sample_of_a_large_variable_is_skipped_exactly(mode):
+    model = _wide_model()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3))
+    kernel = model.trainable_variables[0]
+    grads = [tf.ones_like(v) * 1e-3 for v in model.trainable_variables]
+    stride = int(np.prod(kernel.shape)) // guardedopt.checks.SAMPLE_SIZE
+    position = 5 * stride + 1  # between two sampled entries
+    poisoned = np.full(kernel.shape, 1e-3, np.float32)
+    poisoned.flat[position] = np.nan
+    bad = [tf.constant(poisoned)] + grads[1:]
+
+    def apply(g):
+        opt.apply_gradients(zip(g, model.trainable_variables))
+
+    step = apply if mode == "eager" else tf.function(apply, jit_compile=mode == "xla")
+    step(grads)
+    before = state_of(model, opt)
+    step(bad)
+    assert bitwise_equal(before, state_of(model, opt))
+    finding = opt.report().by_code(F.NONFINITE_GRADIENT)[0]
+    assert finding.variables == (kernel.path,)
+    step(grads)
+    assert int(opt.iterations) == 2 and int(opt.skipped_steps_total) == 1
+
+
+@pytest.mark.parametrize("mode", ("graph", "xla"))
+def test_zero_gradient_of_a_large_variable_is_exact(mode):
+    model = _wide_model()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.1), patience=2)
+    kernel, *rest = model.trainable_variables
+    stride = int(np.prod(kernel.shape)) // guardedopt.checks.SAMPLE_SIZE
+    one_unsampled = np.zeros(kernel.shape, np.float32)
+    one_unsampled.flat[3 * stride + 2] = 1e-20  # the sample reads only zeros
+
+    def apply(kernel_grad):
+        grads = [kernel_grad] + [tf.ones_like(v) for v in rest]
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step = tf.function(apply, jit_compile=mode == "xla")
+    for _ in range(3):
+        step(tf.constant(one_unsampled))
+    assert not opt.report().by_code(F.ZERO_GRADIENT)
+    for _ in range(2):
+        step(tf.zeros_like(kernel))
+    (finding,) = opt.report().by_code(F.ZERO_GRADIENT)
+    assert finding.variables == (kernel.path,) and finding.first_step == 5
+
+
+def _optimized_hlo(opt, variables, grads):
+    step = tf.function(lambda *g: opt.apply(list(g), variables), jit_compile=True)
+    return step.experimental_get_compiler_ir(*grads)(stage="optimized_hlo")
+
+
+def test_default_xla_step_copies_no_weight_or_slot():
+    """The default step skips a NaN step by masking the inner optimizer's own
+    writes, so XLA needs no pre-update copy of any weight or slot;
+    nonfinite_weights='skip' needs one of each (the documented cost)."""
+    size = 50_000
+
+    def copies(**options):
+        variables = [tf.Variable(tf.ones([size]))]
+        opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), **options)
+        opt.build(variables)
+        hlo = _optimized_hlo(opt, variables, [tf.ones([size])])
+        return hlo.count(f"f32[{size}]{{0}} copy(")
+
+    assert copies() == 0
+    assert copies(check_every=10) == 0
+    assert copies(nonfinite_weights="skip") >= 1  # the old weights, kept for the restore
+
+
+def test_writes_are_unmasked_after_the_step():
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.AdamW(1e-2))
+    make_step(model, opt, tf.constant(x), tf.constant(y), "graph")()
+    for v in list(model.trainable_variables) + opt.inner_optimizer.variables:
+        assert "assign" not in guardedopt.optimizer._unwrap_value(v).__dict__
+
+
+def test_weights_changed_between_steps_are_not_measured_as_a_step():
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(1e-3), large_step="raise", patience=1)
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), "xla")
+    step()
+    ratios = opt.last_step_ratio.numpy()
+    # A jump from outside the optimizer (set_weights, a reload) is no step.
+    model.set_weights([w * 100.0 for w in model.get_weights()])
+    step()
+    opt.check()
+    np.testing.assert_array_equal(opt.last_step_ratio.numpy(), ratios)
+    step()
+    opt.check()
+    assert (opt.last_step_ratio.numpy() != ratios).all()

@@ -164,6 +164,7 @@ SPECIAL = {
     "clipvalue": lambda: keras.optimizers.RMSprop(1e-2, clipvalue=0.2),
     "adamw": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1),
     "sgd_weight_decay": lambda: keras.optimizers.SGD(0.1, weight_decay=0.05),
+    "amsgrad": lambda: keras.optimizers.Adam(1e-2, amsgrad=True),
 }
 POISON = 2  # the step with a NaN in the kernel's gradient
 
@@ -177,7 +178,8 @@ def _run_special(make_inner, guarded, mode, poison):
     def step(grads):
         optimizer.apply(grads, variables)
 
-    step = tf.function(step) if mode == "function" else step
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
     states = []
     for i, grads in enumerate(_gradient_sequence()):
         grads = [g.copy() for g in grads[: len(variables)]]
@@ -186,21 +188,37 @@ def _run_special(make_inner, guarded, mode, poison):
                 continue  # the unguarded reference never sees the faulty step
             grads[0][1, 2] = np.nan
         step([tf.constant(g) for g in grads])
-        if i != POISON:
-            states.append(_bits(variables) + _bits(inner.variables))
+        states.append(_bits(variables) + _bits(inner.variables))
     optimizer.finalize_variable_values(variables)
     states.append(_bits(variables))
-    return states, optimizer
+    return states, optimizer, [v.dtype for v in variables + inner.variables]
 
 
-@pytest.mark.parametrize("mode", ["eager", "function"])
+def _close(first, second, dtypes):
+    """Within XLA's rounding: two compiled programs may fuse (and round) differently."""
+    for a, b, dtype in zip(first, second, dtypes):
+        np_dtype = tf.as_dtype(dtype).as_numpy_dtype
+        np.testing.assert_allclose(np.frombuffer(a, np_dtype), np.frombuffer(b, np_dtype),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
 @pytest.mark.parametrize("name", sorted(SPECIAL))
 def test_special_inner_features_stay_transparent(name, mode):
-    bare, _ = _run_special(SPECIAL[name], guarded=False, mode=mode, poison=False)
-    guarded, guard = _run_special(SPECIAL[name], guarded=True, mode=mode, poison=True)
+    """A NaN step is skipped exactly, whatever the inner optimizer writes where
+    (weight decay, EMA, accumulators, clipping), eagerly, in tf.function and
+    under XLA (compared with the bare optimizer in the same mode)."""
+    bare, _, dtypes = _run_special(SPECIAL[name], guarded=False, mode=mode, poison=False)
+    guarded, guard, _ = _run_special(SPECIAL[name], guarded=True, mode=mode, poison=True)
+    # The skipped step left every weight and slot bit for bit as it was.
+    assert guarded[POISON] == guarded[POISON - 1]
+    del guarded[POISON]
     assert len(bare) == len(guarded)
     for i, (b, g) in enumerate(zip(bare, guarded)):
-        assert b == g, f"{name}/{mode}: state differs after clean step {i}"
+        if mode == "xla":
+            _close(b, g, dtypes)
+        else:
+            assert b == g, f"{name}/{mode}: state differs after clean step {i}"
     assert int(guard.skipped_steps_total.numpy()) == 1
     assert int(guard.guard_step.numpy()) == 5
     report = guard.report()
