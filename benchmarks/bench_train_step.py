@@ -12,6 +12,7 @@ each compiled with `jit_compile=False` and `jit_compile=True`, and these variant
   bare        Adam
   guard       GuardedOptimizer(Adam()), all checks on (defaults), check_every=1
   guard_ce10  the same with check_every=10
+  guard_skipw the defaults, but nonfinite_weights="skip" (exact restore of a bad update)
   guard_cb    guard plus GuardCallback in fit (its per-batch host read included)
 
 Time per step is the interval between consecutive `on_train_batch_begin` calls
@@ -39,7 +40,7 @@ import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn", "embedding"], "Models.")
 flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_cb"],
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "guard_cb"],
                   "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
 flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant per round).")
 flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
@@ -130,6 +131,8 @@ def make_variant(model_name, variant, jit):
             callbacks.append(guardedopt.GuardCallback())
     elif variant == "guard_ce10":
         optimizer = guardedopt.GuardedOptimizer(inner, check_every=10)
+    elif variant == "guard_skipw":
+        optimizer = guardedopt.GuardedOptimizer(inner, nonfinite_weights="skip")
     else:
         raise ValueError(f"unknown variant {variant!r}")
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
