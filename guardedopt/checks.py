@@ -10,9 +10,8 @@ reduction of a computed value (`|x|`, `x*x`, `is_finite(x)`) first writes that
 value to a full-size temporary. So the checks of a large variable read it with
 plain sums only, and answer the rest from a fixed strided sample of
 `SAMPLE_SIZE` entries; the exact, slower form runs in a conditional that is
-taken only when the cheap screen cannot decide (`screened_largest_magnitudes`).
-XLA keeps such a conditional (its branches hold reductions); it turns a
-conditional of only elementwise ops into selects that compute both branches.
+taken only when the cheap screen cannot decide (`screened_largest_magnitudes`),
+kept a real conditional by `keep_conditional`.
 """
 
 from __future__ import annotations
@@ -85,6 +84,22 @@ def flat_sample(tensor, size: int = SAMPLE_SIZE) -> tf.Tensor:
 def sample_size(n: int, size: int = SAMPLE_SIZE) -> int:
     """Length of `flat_sample` of a tensor with `n` entries."""
     return min(n, size)
+
+
+def keep_conditional(value):
+    """`value` unchanged (bits included), passed through a sort of two equal rows.
+
+    XLA's conditional simplifier turns a conditional whose branches hold only
+    cheap ops (elementwise ops and reductions count as cheap) into selects,
+    which compute both branches on every step. It does so for a rare-path
+    check of a computed value such as the updated weights (seen in the
+    optimized HLO: the exact check then ran on every step, +0.5x of bare
+    Adam). A sort counts as expensive, so a branch that returns this stays a
+    real conditional that runs only when taken.
+    """
+    wide = _wide(value.dtype)
+    rows = tf.sort(tf.stack([tf.cast(value, wide)] * 2), axis=0)
+    return tf.cast(rows[0], value.dtype)
 
 
 def _static_size(values):
@@ -161,7 +176,7 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
         undecided.append(tf.logical_or(finite_unproven, tf.equal(answers[i], 0)))
 
     def exact():
-        return tf.stack([_exact_largest(values[i], dtype) for i in large])
+        return keep_conditional(tf.stack([_exact_largest(values[i], dtype) for i in large]))
 
     large_answers = tf.cond(
         tf.reduce_any(tf.stack(undecided)), exact, lambda: tf.gather(answers, large)
@@ -216,9 +231,10 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
     )
 
     def exact():
-        return tf.stack([is_nonfinite(tensors[i]) for i in large])
+        dtype = _common_dtype([tensors[i] for i in large])
+        return keep_conditional(tf.stack([_exact_largest(tensors[i], dtype) for i in large]))
 
-    flags = tf.cond(all_finite, lambda: tf.zeros([len(large)], tf.bool), exact)
+    flags = tf.math.is_inf(tf.cond(all_finite, lambda: tf.zeros([len(large)], _common_dtype(tensors)), exact))
     return tf.logical_or(in_sample, place(flags, large, tf.zeros([len(tensors)], tf.bool)))
 
 

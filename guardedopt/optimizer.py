@@ -932,8 +932,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             # `step` >= 1) so that XLA orders those reads before the in-place
             # update instead of copying the weights to keep them.
             mask = tf.logical_or(skip_before, tf.logical_and(tf.reduce_all(unchanged_k), step < 0))
-            with _writes_masked(list(variables) + self.inner_optimizer.variables, mask):
-                self.inner_optimizer.apply(grads, variables)
+            self._apply_unless(mask, grads, variables)
         else:
             weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
             inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
@@ -1022,6 +1021,27 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         updates.append((self.step_sample, self._samples_table(samples_table, positions, samples_new)))
         updates += scale_updates
         _assign_all(updates)
+
+    def _apply_unless(self, skip, grads, variables):
+        """The inner update, leaving every weight and inner variable as it was where `skip`.
+
+        Under XLA and eagerly: the inner optimizer runs unconditionally with
+        its writes masked (`_writes_masked`); XLA fuses the mask into the
+        update's loops. In a plain (non-XLA) graph each masked write would be
+        one more kernel over the whole array, so there the update runs in a
+        `cond` branch that is taken only on steps that are not skipped: the
+        same kernels as unguarded, so the same bits.
+        """
+        if tf.executing_eagerly() or _in_xla_context():
+            with _writes_masked(list(variables) + self.inner_optimizer.variables, skip):
+                self.inner_optimizer.apply(grads, variables)
+            return
+
+        def update():
+            self.inner_optimizer.apply(grads, variables)
+            return tf.constant(True)
+
+        tf.cond(skip, lambda: tf.constant(False), update)
 
     def _samples_of(self, variables) -> tf.Tensor:
         """`checks.stack_samples` of variables (or their values), in the sample table's dtype."""
@@ -1143,9 +1163,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         else:
             measure_now = tf.equal(step % self.check_every, 0)
 
+            def measure_kept():
+                ratio, norm, bad = measure_values()
+                return checks.keep_conditional(ratio), norm, bad
+
             ratio, norm, bad = tf.cond(
                 measure_now,
-                measure_values,
+                measure_kept,
                 lambda: (tf.fill([n], -1.0), tf.fill([n], -1.0), tf.zeros([n], tf.float32)),
             )
         result["weights_bad"] = bad > 0

@@ -183,13 +183,28 @@ def _conditionals(fn, *args):
 
 
 def test_exact_checks_stay_behind_an_xla_conditional():
-    """The full-pass exact check must not run on every step: XLA keeps the
-    conditional (it would turn one of only elementwise ops into selects)."""
+    """The full-pass exact check must not run on every step: the conditional
+    survives XLA's optimizations, also for a computed value (updated weights)."""
     args = (_large(), tf.constant([1.0, 2.0]))
     assert _conditionals(lambda a, b: checks.screened_nonfinite_and_zero([a, b]), *args) == 1
-    assert _conditionals(lambda a, b: checks.screened_nonfinite([a, b]), *args) == 1
+    assert _conditionals(lambda a, b: checks.screened_nonfinite([a * 2.0 - b[0], b]), *args) == 1
     # Small tensors only: exact at once, no conditional.
     assert _conditionals(lambda b: checks.screened_nonfinite_and_zero([b]), args[1]) == 0
+
+
+def test_keep_conditional_keeps_bits_and_the_xla_conditional():
+    values = tf.constant([-0.0, 1.5, np.nan, -np.inf])
+    assert _both(checks.keep_conditional, values).tobytes() == values.numpy().tobytes()
+
+    def rare_check(keep):
+        def fn(x, y):
+            w = x * 2.0 - y[0]  # a computed value, like the updated weights
+            exact = lambda: keep(tf.stack([tf.reduce_max(tf.abs(w))]))
+            return tf.cond(tf.math.is_finite(tf.reduce_sum(w)), lambda: tf.zeros([1]), exact)
+        return fn
+
+    args = (_large(), tf.constant([1.0, 2.0]))
+    assert _conditionals(rare_check(checks.keep_conditional), *args) == 1
 
 
 def test_sampled_l2_norms():

@@ -517,6 +517,23 @@ def test_default_xla_step_copies_no_weight_or_slot():
     assert copies(nonfinite_weights="skip") >= 1  # the old weights, kept for the restore
 
 
+def test_default_xla_step_makes_no_full_pass_beyond_the_update_and_two_sums():
+    """Per step, the only full-size loops are the inner update's own (m, v, w
+    for Adam) and the plain sums of the gradient and the new weights; every
+    exact check stays inside a conditional taken only on a suspicious step
+    (`checks.keep_conditional`: without it XLA hoisted the weights' check)."""
+    size = 50_000
+    variables = [tf.Variable(tf.ones([size]))]
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3))
+    opt.build(variables)
+    hlo = _optimized_hlo(opt, variables, [tf.ones([size])])
+    entry = hlo[hlo.index("\nENTRY"):]
+    loops = [line for line in entry.splitlines() if f"= f32[{size}]{{0}} fusion(" in line]
+    assert len(loops) == 3, loops
+    assert entry.count("kind=kCustom") == 2  # the two plain sums (library reductions)
+    assert entry.count(" conditional(") == 2
+
+
 def test_writes_are_unmasked_after_the_step():
     model = mlp()
     x, y = classification_data()
