@@ -1,18 +1,20 @@
 """`GuardedOptimizer`: a transparent guard around any Keras 3 optimizer.
 
-Design in one paragraph. The inner optimizer's `apply` always runs, exactly as
-it would unguarded: no `cond` around it, so XLA fuses and rounds the update as
-it does for the bare optimizer, and no `merge_call` inside a `cond` breaks
-`tf.distribute` (keras#17429). Before the update the guard reads the gradients
-once (non-finite and all-zero flags, fused into the same pass under XLA) and
-keeps the pre-update values of the weights and of the inner optimizer's
-variables (under XLA a transient copy; see the README's "Performance"). After
-the update, a skipped step writes the old values back (see `_restore`: a select
-that fuses into the update's loop when the decision is known from the
-gradients, a `cond` otherwise). The measuring checks (effective step size) reduce the old and
-new values of each variable; `check_every` amortises them. All decisions and
-counters live in optimizer variables; the host reads them at boundaries
-(`GuardCallback`, `check()`, `report()`, the end of `fit`).
+Design in one paragraph. The gradient flags (NaN/Inf, all zero) are read
+before the update, from plain sums and a fixed sample of each large variable,
+with the exact check in a conditional taken only when those cannot decide
+(`checks`). The inner optimizer's `apply` then always runs, with its math
+untouched and no `cond` around it under XLA or `tf.distribute` (keras#17429):
+a step known to be skipped is skipped by masking every write the inner
+optimizer makes (`_writes_masked`), which XLA fuses into the update's own
+loops, so no copy of any weight or slot is kept. In a plain graph the update
+runs in a `cond` branch instead. Only a skip decided after the update
+(`nonfinite_weights="skip"`, "raise" of the step checks) and `tf.distribute`
+keep the pre-update values and write them back (`_restore`). The step checks
+compare a sample of each variable with the one kept from the previous step.
+All decisions and counters live in two packed optimizer variables; the host
+reads them at boundaries (`GuardCallback`, `check()`, `report()`, the end of
+`fit`).
 """
 
 from __future__ import annotations
@@ -1226,17 +1228,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return code
 
     def _restore(self, skip_before, skip_after, snapshot):
-        """Writes the pre-update values back on a skipped step.
+        """Writes the pre-update values back on a skipped step (the snapshot path).
 
-        `skip_before` is known from the gradients alone. Under XLA (and
-        eagerly) it restores through a select, which XLA fuses into the
-        update's own loop: no extra pass over the weights. `skip_after` needs
-        the updated weights (non-finite weights, "raise" of the step checks);
-        it is written as a `cond`, but XLA's conditional simplifier turns it
-        into selects, so under XLA it costs a copy of the old weights and an
-        extra pass (measured; see the README's "Performance"). In a non-XLA graph both are one
-        `cond`. Under `tf.distribute` both are selects, because a `cond` whose
-        branch merges replicas fails there (keras#17429).
+        Used when a policy can skip on facts known only after the update, and
+        under `tf.distribute`; otherwise `_apply_unless` skips without a
+        snapshot. `skip_before` is known from the gradients alone; eagerly and
+        under XLA it restores through a select. `skip_after` needs the updated
+        weights (non-finite weights, "raise" of the step checks); it is
+        written as a `cond`, which XLA turns into selects, so under XLA the
+        old weights and slots are copied before the update (measured; see the
+        README's "Performance"). In a non-XLA graph both are one `cond`. Under
+        `tf.distribute` both are selects, because a `cond` whose branch merges
+        replicas fails there (keras#17429).
         """
         pairs = [(v, old) for v, old in snapshot]
 
