@@ -910,7 +910,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # kept from the previous step; it counts only if the weights were not
         # changed in between (set_weights, a restore without the optimizer).
         samples_table = _unwrap_value(self.step_sample).read_value()
-        previous = tf.gather(samples_table, positions)
+        previous = samples_table if positions == list(range(n)) else tf.gather(samples_table, positions)
         unchanged_k = tf.reduce_all(tf.equal(self._samples_of(variables), previous), axis=1)
 
         # 3. The update itself, exactly as unguarded.
@@ -928,8 +928,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             # gradients when any replica has them; `where` keeps the others'
             # bits.
             grads = [_nonfinite_where(any_nonfinite, g) for g in grads]
-        mask_writes = not _distributed() and not self._restores_after_update()
-        if mask_writes:
+        skip_without_snapshot = not _distributed() and not self._restores_after_update()
+        if skip_without_snapshot:
             # `unchanged_k` joins the mask (its second term is never true:
             # `step` >= 1) so that XLA orders those reads before the in-place
             # update instead of copying the weights to keep them.
@@ -967,7 +967,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if self.nonfinite_weights in (SKIP, RAISE):
             skip_after = tf.logical_or(skip_after, any_weights_bad)
         skip = tf.logical_or(skip_before, skip_after)
-        if not mask_writes:
+        if not skip_without_snapshot:
             # An overflow step leaves the weights and the slots as they were:
             # the loss scaler skipped it. Under a strategy Keras'
             # LossScaleOptimizer decides on the first replica's gradients
