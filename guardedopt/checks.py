@@ -230,11 +230,12 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
         tf.stack([tf.math.is_finite(tf.reduce_sum(tensors[i])) for i in large])
     )
 
+    dtype = _common_dtype(tensors)  # one dtype for both branches
+
     def exact():
-        dtype = _common_dtype([tensors[i] for i in large])
         return keep_conditional(tf.stack([_exact_largest(tensors[i], dtype) for i in large]))
 
-    flags = tf.math.is_inf(tf.cond(all_finite, lambda: tf.zeros([len(large)], _common_dtype(tensors)), exact))
+    flags = tf.math.is_inf(tf.cond(all_finite, lambda: tf.zeros([len(large)], dtype), exact))
     return tf.logical_or(in_sample, place(flags, large, tf.zeros([len(tensors)], tf.bool)))
 
 

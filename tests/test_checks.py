@@ -177,6 +177,20 @@ def test_screened_nonfinite_weights():
     assert not _both(run, _large(), _large(-2.0), tf.constant([1.0])).any()
 
 
+def test_screened_checks_of_mixed_dtypes_trace():
+    """A large float32 tensor next to a small float64 one (both branches of the
+    rare conditional must have one dtype)."""
+    def run(a, b):
+        nonfinite, zero = checks.screened_nonfinite_and_zero([a, b])
+        return tf.stack([nonfinite, zero, checks.screened_nonfinite([a, b])])
+
+    small = tf.constant([1.0, np.nan], tf.float64)
+    np.testing.assert_array_equal(
+        _both(run, _large(at=UNSAMPLED, value=np.inf), small),
+        [[True, True], [False, False], [True, True]],
+    )
+
+
 def _conditionals(fn, *args):
     hlo = tf.function(fn, jit_compile=True).experimental_get_compiler_ir(*args)(stage="optimized_hlo")
     return hlo.count(" conditional(")
