@@ -36,35 +36,18 @@ def gradient_values(gradient):
     return gradient
 
 
-def is_nonfinite(gradient) -> tf.Tensor:
-    """True when any entry of `gradient` is NaN or +/-Inf (False when empty)."""
-    return nonfinite_and_zero(gradient)[0]
-
-
-def is_all_zero(gradient) -> tf.Tensor:
-    """True when every entry of `gradient` is exactly 0 (and it is not empty)."""
-    return nonfinite_and_zero(gradient)[1]
-
-
-def largest_magnitude(tensor) -> tf.Tensor:
-    """max |x| with NaN counted as +Inf: one reduction answers two questions.
+def largest_magnitude(tensor, axis=None) -> tf.Tensor:
+    """max |x| with NaN counted as +Inf (over `axis`; all entries by default).
 
     The result is +Inf exactly when some entry is NaN or +/-Inf, 0 exactly when
-    every entry is 0, and -Inf for an empty tensor. NaN is mapped explicitly
-    because XLA's CPU `max` drops NaN while TensorFlow's kernels propagate it.
+    every entry is 0, and -Inf for an empty tensor: one reduction answers two
+    questions. NaN is mapped explicitly because XLA's CPU `max` drops NaN while
+    TensorFlow's kernels propagate it. Zero padding does not change it.
     """
     values = gradient_values(tensor)
     infinity = tf.constant(float("inf"), values.dtype)
-    return tf.reduce_max(tf.where(tf.math.is_finite(values), tf.abs(values), infinity))
-
-
-def nonfinite_and_zero(tensor):
-    """`(is_nonfinite, is_all_zero)` of `tensor` from a single pass over it."""
-    values = gradient_values(tensor)
-    if values.shape.num_elements() == 0:
-        return tf.constant(False), tf.constant(False)
-    largest = largest_magnitude(values)
-    return tf.math.is_inf(largest), tf.equal(largest, tf.zeros([], largest.dtype))
+    magnitudes = tf.where(tf.math.is_finite(values), tf.abs(values), infinity)
+    return tf.reduce_max(magnitudes, axis=axis)
 
 
 def flat_sample(tensor, size: int = SAMPLE_SIZE) -> tf.Tensor:
@@ -130,13 +113,6 @@ def stack_samples(tensors: Sequence, dtype, size: int = SAMPLE_SIZE) -> tf.Tenso
     return tf.stack(rows) if rows else tf.zeros([0, size], dtype)
 
 
-def row_largest_magnitudes(matrix) -> tf.Tensor:
-    """`largest_magnitude` of each row (zero padding does not change it)."""
-    infinity = tf.constant(float("inf"), matrix.dtype)
-    magnitudes = tf.where(tf.math.is_finite(matrix), tf.abs(matrix), infinity)
-    return tf.reduce_max(magnitudes, axis=1)
-
-
 def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
     """`largest_magnitude` of each tensor, exact, mostly from plain sums and samples.
 
@@ -158,12 +134,9 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
     """
     values = [gradient_values(t) for t in tensors]
     dtype = _common_dtype(values)
-    sized = [i for i, v in enumerate(values) if _static_size(v)]
-    if len(sized) < len(values):
-        singles = [None if i in sized else _exact_largest(v, dtype) for i, v in enumerate(values)]
-        screened = screened_largest_magnitudes([values[i] for i in sized]) if sized else None
-        return _merge(singles, screened, sized, dtype)
-    answers = row_largest_magnitudes(stack_samples(values, dtype))
+    if not all(_static_size(v) for v in values):
+        return _one_by_one_unless_sized(values, screened_largest_magnitudes, _exact_largest, dtype)
+    answers = largest_magnitude(stack_samples(values, dtype), axis=1)
     large = [i for i, v in enumerate(values) if _static_size(v) > SAMPLE_SIZE]
     if not large:
         return answers
@@ -175,11 +148,10 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
         )
         undecided.append(tf.logical_or(finite_unproven, tf.equal(answers[i], 0)))
 
-    def exact():
-        return keep_conditional(tf.stack([_exact_largest(values[i], dtype) for i in large]))
-
     large_answers = tf.cond(
-        tf.reduce_any(tf.stack(undecided)), exact, lambda: tf.gather(answers, large)
+        tf.reduce_any(tf.stack(undecided)),
+        lambda: _exact_largest_kept([values[i] for i in large], dtype),
+        lambda: tf.gather(answers, large),
     )
     if len(large) == len(values):
         return large_answers
@@ -192,10 +164,17 @@ def _exact_largest(values, dtype):
     return tf.cast(largest_magnitude(values), dtype)
 
 
-def _merge(singles, vector, positions, dtype):
-    """`singles` (None at `positions`) with `vector`'s entries at `positions`, stacked."""
-    entries = list(singles)
-    for j, i in enumerate(positions):
+def _exact_largest_kept(values, dtype):
+    """The rare branch: `largest_magnitude` of each tensor, in a kept conditional."""
+    return keep_conditional(tf.stack([_exact_largest(v, dtype) for v in values]))
+
+
+def _one_by_one_unless_sized(values, batched, single, dtype):
+    """`batched(...)` of the tensors of known, non-zero size; `single(v, dtype)` of the others."""
+    sized = [i for i, v in enumerate(values) if _static_size(v)]
+    vector = batched([values[i] for i in sized]) if sized else None
+    entries = [None if i in sized else single(v, dtype) for i, v in enumerate(values)]
+    for j, i in enumerate(sized):
         entries[i] = tf.cast(vector[j], dtype)
     return tf.stack(entries) if entries else tf.zeros([0], dtype)
 
@@ -209,7 +188,7 @@ def screened_nonfinite_and_zero(tensors: Sequence):
 
 
 def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
-    """`is_nonfinite` of each tensor (static sizes), as a vector.
+    """Whether each tensor (of static size) holds a NaN/Inf, as a vector.
 
     Plain sums prove the large tensors finite; the exact check runs, in one
     conditional, only if one of them is not. `samples`:
@@ -222,7 +201,7 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
         samples = stack_samples(tensors, _common_dtype(tensors))
     # A NaN/Inf that the sample holds is in the tensor too; zero padding and
     # empty tensors read as finite.
-    in_sample = tf.math.is_inf(row_largest_magnitudes(samples))
+    in_sample = tf.math.is_inf(largest_magnitude(samples, axis=1))
     large = [i for i, t in enumerate(tensors) if _static_size(t) > SAMPLE_SIZE]
     if not large:
         return in_sample
@@ -232,10 +211,12 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
 
     dtype = _common_dtype(tensors)  # one dtype for both branches
 
-    def exact():
-        return keep_conditional(tf.stack([_exact_largest(tensors[i], dtype) for i in large]))
-
-    flags = tf.math.is_inf(tf.cond(all_finite, lambda: tf.zeros([len(large)], dtype), exact))
+    largest = tf.cond(
+        all_finite,
+        lambda: tf.zeros([len(large)], dtype),
+        lambda: _exact_largest_kept([tensors[i] for i in large], dtype),
+    )
+    flags = tf.math.is_inf(largest)
     return tf.logical_or(in_sample, place(flags, large, tf.zeros([len(tensors)], tf.bool)))
 
 
@@ -249,11 +230,8 @@ def sampled_l2_norms(tensors: Sequence) -> tf.Tensor:
     """
     values = [gradient_values(t) for t in tensors]
     dtype = _common_dtype(values)
-    sized = [i for i, v in enumerate(values) if _static_size(v)]
-    if len(sized) < len(values):
-        singles = [None if i in sized else tf.cast(l2_norm(v), dtype) for i, v in enumerate(values)]
-        norms = sampled_l2_norms([values[i] for i in sized]) if sized else None
-        return _merge(singles, norms, sized, dtype)
+    if not all(_static_size(v) for v in values):
+        return _one_by_one_unless_sized(values, sampled_l2_norms, lambda v, d: tf.cast(l2_norm(v), d), dtype)
     squares = tf.reduce_sum(tf.square(stack_samples(values, dtype)), axis=1)
     scale = [_static_size(v) / sample_size(_static_size(v)) for v in values]
     return tf.sqrt(squares * tf.constant(scale, dtype))
@@ -292,14 +270,11 @@ def relative_step(old, new, epsilon: float) -> tf.Tensor:
 
     `epsilon` is a floor on the root-mean-square of the weights, so a variable
     initialised at zero (a bias) does not divide by zero, and the floor does not
-    depend on the variable's size.
+    depend on the variable's size. (`row_relative_steps` for one row.)
     """
-    size = max(old.shape.num_elements() or 0, 1)
-    old32 = tf.cast(old, tf.float32)
-    delta = tf.cast(new, tf.float32) - old32
-    floor = tf.constant(epsilon * size**0.5, tf.float32)
-    denominator = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(old32))), floor)
-    return tf.sqrt(tf.reduce_sum(tf.square(delta))) / denominator
+    size = old.shape.num_elements() or 0
+    rows = [tf.reshape(tf.cast(x, tf.float32), [1, -1]) for x in (old, new)]
+    return row_relative_steps(rows[0], rows[1], [size], epsilon)[0]
 
 
 def update_streak(streak, flag, active) -> tf.Tensor:

@@ -1147,17 +1147,22 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if not self._measuring() and not check_weights:
             return result
 
+        unmeasured = tf.fill([n], -1.0)
+
         def measure_values():
-            sizes = [checks.sample_size(self._var_sizes[i]) for i in positions]
-            ratios = checks.row_relative_steps(previous, samples_new, sizes, self.step_epsilon)
-            norms = norms_k if norms_k is not None else checks.sampled_l2_norms(grads)
-            ratio = checks.scatter_to_slots(ratios, positions, n, -1.0)
+            ratio = norm = unmeasured  # not computed when only the weights are checked
+            if self._measuring():
+                sizes = [checks.sample_size(self._var_sizes[i]) for i in positions]
+                ratios = checks.row_relative_steps(previous, samples_new, sizes, self.step_epsilon)
+                norms = norms_k if norms_k is not None else checks.sampled_l2_norms(grads)
+                ratio = checks.scatter_to_slots(ratios, positions, n, -1.0)
+                norm = checks.scatter_to_slots(norms, positions, n, -1.0)
             if check_weights:
                 bad = self._weights_nonfinite(weights_new, samples_new, positions, any_nonfinite)
                 bad = tf.cast(bad, tf.float32)
             else:
                 bad = tf.zeros([n], tf.float32)
-            return ratio, checks.scatter_to_slots(norms, positions, n, -1.0), bad
+            return ratio, norm, bad
 
         if self.check_every == 1:
             measure_now = tf.constant(True)
@@ -1172,7 +1177,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ratio, norm, bad = tf.cond(
                 measure_now,
                 measure_kept,
-                lambda: (tf.fill([n], -1.0), tf.fill([n], -1.0), tf.zeros([n], tf.float32)),
+                lambda: (unmeasured, unmeasured, tf.zeros([n], tf.float32)),
             )
         result["weights_bad"] = bad > 0
         if not self._measuring():

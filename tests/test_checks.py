@@ -15,28 +15,37 @@ def _both(fn, *args):
     return np.asarray(eager)
 
 
+def _is_nonfinite(tensor):
+    return checks.screened_nonfinite_and_zero([tensor])[0][0]
+
+
+def _is_all_zero(tensor):
+    return checks.screened_nonfinite_and_zero([tensor])[1][0]
+
+
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
 def test_is_nonfinite(dtype):
-    assert not _both(checks.is_nonfinite, tf.constant([1.0, 0.0, -3.0], dtype))
-    assert _both(checks.is_nonfinite, tf.constant([1.0, np.nan], dtype))
-    assert _both(checks.is_nonfinite, tf.constant([np.inf, 1.0], dtype))
-    assert _both(checks.is_nonfinite, tf.constant([-np.inf], dtype))
-    assert not _both(checks.is_nonfinite, tf.zeros([0, 3], dtype))
+    assert not _both(_is_nonfinite, tf.constant([1.0, 0.0, -3.0], dtype))
+    assert _both(_is_nonfinite, tf.constant([1.0, np.nan], dtype))
+    assert _both(_is_nonfinite, tf.constant([np.inf, 1.0], dtype))
+    assert _both(_is_nonfinite, tf.constant([-np.inf], dtype))
+    assert not _both(_is_nonfinite, tf.zeros([0, 3], dtype))
+    assert not _both(lambda t: checks.screened_nonfinite([t])[0], tf.zeros([0, 3], dtype))
 
 
 def test_is_nonfinite_reads_indexed_slices_values():
     slices = tf.IndexedSlices(tf.constant([[1.0, np.nan]]), tf.constant([2]), tf.constant([5, 2]))
-    assert bool(checks.is_nonfinite(slices))
+    assert bool(_is_nonfinite(slices))
     clean = tf.IndexedSlices(tf.constant([[1.0, 2.0], [1.0, 2.0]]), tf.constant([2, 2]), tf.constant([5, 2]))
-    assert not bool(checks.is_nonfinite(clean))
+    assert not bool(_is_nonfinite(clean))
 
 
 def test_is_all_zero():
-    assert _both(checks.is_all_zero, tf.zeros([3, 2]))
-    assert _both(checks.is_all_zero, tf.constant([0.0, -0.0]))
-    assert not _both(checks.is_all_zero, tf.constant([0.0, 1e-30]))
-    assert not _both(checks.is_all_zero, tf.constant([np.nan]))
-    assert not bool(checks.is_all_zero(tf.zeros([0])))
+    assert _both(_is_all_zero, tf.zeros([3, 2]))
+    assert _both(_is_all_zero, tf.constant([0.0, -0.0]))
+    assert not _both(_is_all_zero, tf.constant([0.0, 1e-30]))
+    assert not _both(_is_all_zero, tf.constant([np.nan]))
+    assert not bool(_is_all_zero(tf.zeros([0])))
 
 
 def test_relative_step_and_epsilon_floor():
