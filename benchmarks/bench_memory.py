@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "100000", "1000000", "10000000"], "Parameter counts of part 2.")
 flags.DEFINE_list("nvars", ["1", "10", "100"], "Variable counts (parts 1 and 2 at --nvars_size).")
 flags.DEFINE_integer("nvars_size", 1_000_000, "Parameter count of the variable-count sweep.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "lso"], "Variants.")
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_w1", "guard_skipw", "lso"], "Variants.")
 flags.DEFINE_integer("rss_size", 10_000_000, "Parameter count of the RSS part (0: skip it).")
 flags.DEFINE_integer("threads", 1, "TF threads.")
 flags.DEFINE_bool("quick", False, "bare and guard only, 1e6 parameters in 1 variable, no RSS part.")
@@ -61,12 +61,8 @@ def _optimizer(variant):
         return inner
     if variant == "lso":
         return keras.optimizers.LossScaleOptimizer(inner)
-    if variant == "guard":
-        return GuardedOptimizer(inner)
-    if variant == "guard_ce10":
-        return GuardedOptimizer(inner, check_every=10)
-    if variant == "guard_skipw":
-        return GuardedOptimizer(inner, nonfinite_weights="skip")
+    if variant in common.GUARD_VARIANTS:
+        return GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant])
     raise ValueError(variant)
 
 

@@ -9,6 +9,8 @@ process (see `common.interleaved`):
   bare            the inner optimizer alone (the baseline)
   guard           GuardedOptimizer(inner), all checks on (defaults), check_every=1
   guard_ce10      the same with check_every=10
+  guard_w1        the defaults, but weights_check_every=1 (all of every weight
+                  checked for NaN/Inf every step, not every 10th)
   guard_skipw     the defaults, but nonfinite_weights="skip" (exact restore of a bad update)
   lso             keras.optimizers.LossScaleOptimizer(inner): one finite check + a cond
   check_numerics  the bare optimizer traced under tf.debugging.enable_check_numerics()
@@ -43,7 +45,7 @@ flags.DEFINE_bool("full", False,
                   "10 variables (the 100-variable steps take a minute each to compile).")
 flags.DEFINE_list("modes", ["xla", "graph"], "xla: tf.function(jit_compile=True); graph: plain tf.function.")
 flags.DEFINE_list("inners", ["adam", "sgd"], "Inner optimizers.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "lso", "check_numerics"],
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_w1", "guard_skipw", "lso", "check_numerics"],
                   "Variants compared in each configuration. A guard variant may name the package "
                   "to take GuardedOptimizer from: guard@guardedopt_candidate (on PYTHONPATH).")
 flags.DEFINE_bool("checks_alone", True, "Also time each check alone (others 'ignore').")
@@ -64,12 +66,8 @@ ALL_IGNORE = {c: "ignore" for c in CHECKS}
 
 def guard_options(variant):
     """Options of a guard variant, or None if `variant` is not a guard."""
-    if variant == "guard":
-        return {}
-    if variant == "guard_ce10":
-        return dict(check_every=10)
-    if variant == "guard_skipw":
-        return dict(nonfinite_weights="skip")
+    if variant in common.GUARD_VARIANTS:
+        return dict(common.GUARD_VARIANTS[variant])
     if variant == "guard_off":
         return dict(ALL_IGNORE, none_gradient="ignore")
     if variant.startswith("only_"):

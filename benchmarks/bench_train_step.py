@@ -12,6 +12,7 @@ each compiled with `jit_compile=False` and `jit_compile=True`, and these variant
   bare        Adam
   guard       GuardedOptimizer(Adam()), all checks on (defaults), check_every=1
   guard_ce10  the same with check_every=10
+  guard_w1    the defaults, but weights_check_every=1 (all weights checked every step)
   guard_skipw the defaults, but nonfinite_weights="skip" (exact restore of a bad update)
   guard_cb    guard plus GuardCallback in fit (its per-batch host read included)
 
@@ -40,7 +41,7 @@ import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn", "embedding"], "Models.")
 flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "guard_cb"],
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_w1", "guard_skipw", "guard_cb"],
                   "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
 flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant per round).")
 flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
@@ -125,14 +126,11 @@ def make_variant(model_name, variant, jit):
     callbacks = []
     if variant == "bare":
         optimizer = inner
-    elif variant in ("guard", "guard_cb"):
+    elif variant == "guard_cb":
         optimizer = guardedopt.GuardedOptimizer(inner)
-        if variant == "guard_cb":
-            callbacks.append(guardedopt.GuardCallback())
-    elif variant == "guard_ce10":
-        optimizer = guardedopt.GuardedOptimizer(inner, check_every=10)
-    elif variant == "guard_skipw":
-        optimizer = guardedopt.GuardedOptimizer(inner, nonfinite_weights="skip")
+        callbacks.append(guardedopt.GuardCallback())
+    elif variant in common.GUARD_VARIANTS:
+        optimizer = guardedopt.GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant])
     else:
         raise ValueError(f"unknown variant {variant!r}")
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)

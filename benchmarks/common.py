@@ -92,6 +92,15 @@ def machine_info() -> Dict[str, object]:
     return info
 
 
+# The GuardedOptimizer options of the guard variants every benchmark knows.
+GUARD_VARIANTS = {
+    "guard": {},  # the defaults: every check on, check_every=1
+    "guard_ce10": dict(check_every=10),
+    "guard_w1": dict(weights_check_every=1),  # all of every weight checked every step
+    "guard_skipw": dict(nonfinite_weights="skip"),  # exact restore of a bad update
+}
+
+
 def guard_module(variant: str):
     """`(kind, module)` of a variant name `kind[@module]`.
 

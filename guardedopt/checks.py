@@ -8,21 +8,29 @@ Cost model (XLA:CPU in TF 2.21, measured; README "Performance"). A plain
 `reduce_sum`/`reduce_max` of an array runs as one fast library call; a
 reduction of a computed value (`|x|`, `x*x`, `is_finite(x)`) first writes that
 value to a full-size temporary. So the checks of a large variable read it with
-plain sums only, and answer the rest from a fixed strided sample of
-`SAMPLE_SIZE` entries; the exact, slower form runs in a conditional that is
-taken only when the cheap screen cannot decide (`screened_largest_magnitudes`),
-kept a real conditional by `keep_conditional`.
+plain sums only, and answer the rest from a fixed sample of `SAMPLE_SIZE`
+entries (`sample_positions`); the exact, slower form runs in a conditional
+that is taken only when the cheap screen cannot decide
+(`screened_largest_magnitudes`), kept a real conditional by
+`keep_conditional`.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # Entries of a variable that the sampled checks read. Variables up to this size
 # are checked exactly and in full.
 SAMPLE_SIZE = 1024
+# The sample of a larger variable is this many evenly spaced runs of
+# consecutive entries (32 runs of 32): 64 cache lines per read instead of
+# 1024. Three reads per variable and step: 1024 strided single entries took
+# 4.3 µs per read of a 10^5-entry variable under XLA:CPU, the runs 2.5 µs
+# (tf.profiler, Adam, 10 variables).
+SAMPLE_BLOCKS = 32
 
 
 def gradient_values(gradient):
@@ -51,17 +59,38 @@ def largest_magnitude(tensor, axis=None) -> tf.Tensor:
 
 
 def flat_sample(tensor, size: int = SAMPLE_SIZE) -> tf.Tensor:
-    """A fixed, evenly strided sample of at most `size` entries, flattened.
+    """A fixed sample of at most `size` entries, flattened: `sample_positions`.
 
-    Entries `0, s, 2s, ...` with `s = n // size`, so the same positions are
-    read at every step. A tensor of at most `size` entries, or of a size
-    unknown at trace time, is returned whole (flattened).
+    The same positions are read at every step. A tensor of at most `size`
+    entries, or of a size unknown at trace time, is returned whole
+    (flattened).
     """
     values = tf.reshape(gradient_values(tensor), [-1])
     n = values.shape.num_elements()
     if n is None or n <= size:
         return values
-    return values[:: n // size][:size]
+    blocks, width, stride = _sample_layout(n, size)
+    rows = tf.reshape(values[: blocks * stride], [blocks, stride])
+    return tf.reshape(rows[:, :width], [-1])
+
+
+def _sample_layout(n: int, size: int):
+    """`(blocks, width, stride)` of the sample of `n > size` entries."""
+    blocks = min(SAMPLE_BLOCKS, size)
+    return blocks, size // blocks, n // blocks
+
+
+def sample_positions(n: int, size: int = SAMPLE_SIZE) -> np.ndarray:
+    """The flat positions `flat_sample` reads from a tensor of `n` entries.
+
+    All of them up to `size`; beyond, `SAMPLE_BLOCKS` runs of `size //
+    SAMPLE_BLOCKS` consecutive entries starting at `0, s, 2s, ...` with
+    `s = n // SAMPLE_BLOCKS`.
+    """
+    if n <= size:
+        return np.arange(n)
+    blocks, width, stride = _sample_layout(n, size)
+    return (np.arange(blocks)[:, None] * stride + np.arange(width)[None, :]).reshape(-1)
 
 
 def sample_size(n: int, size: int = SAMPLE_SIZE) -> int:
@@ -199,9 +228,7 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
         return tf.zeros([0], tf.bool)
     if samples is None:
         samples = stack_samples(tensors, _common_dtype(tensors))
-    # A NaN/Inf that the sample holds is in the tensor too; zero padding and
-    # empty tensors read as finite.
-    in_sample = tf.math.is_inf(largest_magnitude(samples, axis=1))
+    in_sample = nonfinite_in_samples(samples)
     large = [i for i, t in enumerate(tensors) if _static_size(t) > SAMPLE_SIZE]
     if not large:
         return in_sample
@@ -218,6 +245,15 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
     )
     flags = tf.math.is_inf(largest)
     return tf.logical_or(in_sample, place(flags, large, tf.zeros([len(tensors)], tf.bool)))
+
+
+def nonfinite_in_samples(samples) -> tf.Tensor:
+    """Whether each row of a `stack_samples` matrix holds a NaN/Inf.
+
+    A NaN/Inf in a row is in its tensor too, and a row is all of a tensor of
+    up to `SAMPLE_SIZE` entries; zero padding reads as finite.
+    """
+    return tf.math.is_inf(largest_magnitude(samples, axis=1))
 
 
 def sampled_l2_norms(tensors: Sequence) -> tf.Tensor:

@@ -66,6 +66,10 @@ _NUMBER_FLAGS = (
     ("guard_check_every", "check_every", "DEFINE_integer",
      "Measure the effective step every N steps (the NaN checks run every step).",
      dict(lower_bound=1)),
+    ("guard_weights_check_every", "weights_check_every", "DEFINE_integer",
+     "Under --guard_nonfinite_weights=warn, read all weights for NaN/Inf every N "
+     "steps (a 1024-entry sample of each variable every step).",
+     dict(lower_bound=1)),
     ("guard_max_consecutive_skips", "max_consecutive_skips", "DEFINE_integer",
      "Skipped steps in a row after which 'skip' escalates to 'raise'.",
      dict(lower_bound=1)),
@@ -87,10 +91,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     `--guard_nonfinite`, `--guard_nonfinite_weights`, `--guard_tiny_step`,
     `--guard_large_step` (policies), `--guard_min_step`, `--guard_max_step`,
     `--guard_step_epsilon`, `--guard_patience`, `--guard_check_every`,
-    `--guard_max_consecutive_skips`, `--guard_log_interval_seconds` (bounded
-    numbers; `--guard_max_step` must exceed `--guard_min_step`) and
-    `--guard_class_weight` (`none`, `observe`, `auto`, `balanced`,
-    `effective_number`). Defaults are `GuardedOptimizer`'s.
+    `--guard_weights_check_every`, `--guard_max_consecutive_skips`,
+    `--guard_log_interval_seconds` (bounded numbers; `--guard_max_step` must
+    exceed `--guard_min_step`) and `--guard_class_weight` (`none`, `observe`,
+    `auto`, `balanced`, `effective_number`). Defaults are `GuardedOptimizer`'s.
 
     Args:
         flag_values: Where to define them; `absl.flags.FLAGS` by default.

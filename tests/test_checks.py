@@ -104,9 +104,9 @@ def test_scatter_to_slots_takes_vectors_and_is_the_identity_in_order():
 
 
 # ------------------------------------------------------------ sampled checks
-LARGE = 10 * checks.SAMPLE_SIZE + 7  # a stride of 10: entries 0, 10, 20, ... are sampled
-UNSAMPLED = 12_345 % LARGE  # 12345 % 10 != 0: never in the sample
-assert UNSAMPLED % (LARGE // checks.SAMPLE_SIZE)
+LARGE = 10 * checks.SAMPLE_SIZE + 7  # runs of 32 entries every 320: 0-31, 320-351, ...
+UNSAMPLED = 12_345 % LARGE  # 2098: never in the sample
+assert UNSAMPLED not in checks.sample_positions(LARGE)
 
 
 def _large(fill=1.0, at=None, value=None, dtype=np.float32):
@@ -116,11 +116,15 @@ def _large(fill=1.0, at=None, value=None, dtype=np.float32):
     return tf.constant(values)
 
 
-def test_flat_sample_reads_fixed_strided_positions():
+def test_flat_sample_reads_fixed_runs_of_consecutive_entries():
     values = tf.range(LARGE, dtype=tf.float32)
     sample = _both(checks.flat_sample, values)
     assert sample.shape == (checks.SAMPLE_SIZE,)
-    np.testing.assert_array_equal(sample, np.arange(0, 10 * checks.SAMPLE_SIZE, 10))
+    stride, width = LARGE // checks.SAMPLE_BLOCKS, checks.SAMPLE_SIZE // checks.SAMPLE_BLOCKS
+    expected = [b * stride + i for b in range(checks.SAMPLE_BLOCKS) for i in range(width)]
+    np.testing.assert_array_equal(sample, expected)
+    np.testing.assert_array_equal(checks.sample_positions(LARGE), expected)
+    np.testing.assert_array_equal(checks.sample_positions(6), np.arange(6))
     small = tf.reshape(tf.range(6.0), [2, 3])
     np.testing.assert_array_equal(_both(checks.flat_sample, small), np.arange(6.0))
     assert checks.sample_size(LARGE) == checks.SAMPLE_SIZE and checks.sample_size(6) == 6

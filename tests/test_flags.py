@@ -31,8 +31,8 @@ def test_define_is_idempotent_and_defines_every_flag():
     assert set(guard_flags.FLAG_NAMES) >= {
         "guard_nonfinite", "guard_nonfinite_weights", "guard_zero_gradient",
         "guard_tiny_step", "guard_large_step", "guard_min_step", "guard_max_step",
-        "guard_patience", "guard_check_every", "guard_max_consecutive_skips",
-        "guard_class_weight",
+        "guard_patience", "guard_check_every", "guard_weights_check_every",
+        "guard_max_consecutive_skips", "guard_class_weight",
     }
 
 
@@ -55,12 +55,14 @@ def test_command_line_values_reach_the_kwargs(fv):
         "--guard_max_step=0.5", "--guard_patience=3", "--guard_check_every=4",
         "--guard_max_consecutive_skips=2", "--guard_class_weight=balanced",
         "--guard_tiny_step=raise", "--guard_nonfinite_weights=warn",
+        "--guard_weights_check_every=5",
     )
     kwargs = guard_flags.guard_kwargs_from_flags(fv)
     assert kwargs["nonfinite_gradient"] == "raise"
     assert kwargs["zero_gradient"] == "ignore"
     assert kwargs["min_step"] == 1e-5 and kwargs["max_step"] == 0.5
     assert kwargs["patience"] == 3 and kwargs["check_every"] == 4
+    assert kwargs["weights_check_every"] == 5
     assert kwargs["max_consecutive_skips"] == 2
     assert kwargs["class_weight"] == "balanced"
     assert kwargs["tiny_step"] == "raise" and kwargs["nonfinite_weights"] == "warn"
@@ -73,6 +75,7 @@ def test_command_line_values_reach_the_kwargs(fv):
         ("--guard_max_step=-0.5", r"--guard_max_step=-0.5"),
         ("--guard_patience=0", r"flag --guard_patience=0: 0 is not a positive integer"),
         ("--guard_check_every=-2", r"--guard_check_every=-2"),
+        ("--guard_weights_check_every=0", r"--guard_weights_check_every=0"),
         ("--guard_max_consecutive_skips=0", r"--guard_max_consecutive_skips=0"),
         ("--guard_nonfinite=explode", r"value should be one of <ignore\|warn\|skip\|raise>"),
         ("--guard_zero_gradient=skip", r"value should be one of <ignore\|warn\|raise>"),

@@ -9,7 +9,8 @@ optimizer as oracle:
   `nonfinite_weights="skip"`) the update turns finite weights non-finite; a
   skipped step leaves the weights, the inner slots and the inner `iterations`
   bit-identical, and the counters are exact (under the default
-  `nonfinite_weights="warn"` the same steps count non-finite weights);
+  `nonfinite_weights="warn"`, with `weights_check_every=1`, the same steps
+  count non-finite weights);
 * a step that is not skipped equals the bare optimizer's step bit for bit;
 * eager, `tf.function` and XLA take the same decisions.
 
@@ -97,7 +98,10 @@ def _setup(specs, inner, guarded, mode, weights_policy="warn"):
     ]
     optimizer = INNER[inner]()
     if guarded:
-        optimizer = guardedopt.GuardedOptimizer(optimizer, nonfinite_weights=weights_policy)
+        # Every step in full: the oracle counts the weights on every step.
+        optimizer = guardedopt.GuardedOptimizer(
+            optimizer, nonfinite_weights=weights_policy, weights_check_every=1
+        )
     optimizer.build(variables)
 
     def step(*grads):

@@ -249,6 +249,64 @@ def test_nonfinite_weights_after_update_are_restored(mode):
     assert not report.by_code(F.NONFINITE_GRADIENT) and report.skipped_steps == 1
 
 
+def _poisoning_step(variable, opt, entry, mode):
+    """A step whose finite gradient overflows one `entry` of `variable` to -Inf."""
+    grad = np.zeros(variable.shape, np.float32)
+    grad.flat[entry] = 1e30
+    grad = tf.constant(grad)
+
+    def step():
+        opt.apply_gradients([(grad, variable)])
+
+    return step if mode == "eager" else tf.function(step, jit_compile=mode == "xla")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "entry, every, first_seen",
+    [
+        (40, 4, 4),  # outside the sample (runs 0-31, 128-159, ...): seen at the whole-variable pass
+        (0, 4, 1),  # a sampled entry: seen at once
+        (40, 1, 1),  # every step in full
+    ],
+)
+def test_warn_checks_weights_in_full_every_weights_check_every_steps(mode, entry, every, first_seen):
+    variable = keras.Variable(np.ones(4 * guardedopt.checks.SAMPLE_SIZE, np.float32), name="kernel")
+    assert (entry in guardedopt.checks.sample_positions(4 * guardedopt.checks.SAMPLE_SIZE)) == (entry == 0)
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.SGD(1e10), weights_check_every=every, zero_gradient="ignore",
+        tiny_step="ignore", large_step="ignore",
+    )
+    opt.build([variable])
+    poison = _poisoning_step(variable, opt, entry, mode)
+    poison()
+    assert np.isneginf(variable.numpy().flat[entry])
+    zero = tf.zeros_like(variable)
+    for _ in range(5):
+        opt.apply_gradients([(zero, variable)])
+    found = opt.report().by_code(F.NONFINITE_WEIGHTS)
+    assert found and found[0].first_step == first_seen
+    assert ("weights_check_every=1 names the exact step" in found[0].message) == (every > 1)
+
+
+def test_a_nonfinite_gradient_since_the_last_full_weights_check_explains_nan_weights():
+    variable = keras.Variable(np.ones(4 * guardedopt.checks.SAMPLE_SIZE, np.float32), name="kernel")
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.SGD(0.1), weights_check_every=4, nonfinite_gradient="warn",
+        zero_gradient="ignore", tiny_step="ignore", large_step="ignore",
+    )
+    opt.build([variable])
+    nan = np.zeros(variable.shape, np.float32)
+    nan[40] = np.nan  # outside the sample
+    opt.apply_gradients([(tf.constant(nan), variable)])  # applied: the weight becomes NaN
+    for _ in range(4):
+        opt.apply_gradients([(tf.zeros_like(variable), variable)])
+    report = opt.report()
+    assert report.by_code(F.NONFINITE_GRADIENT)[0].first_step == 1
+    assert not report.by_code(F.NONFINITE_WEIGHTS)  # the gradient's finding explains it (step 4)
+    assert np.isnan(variable.numpy()[40])
+
+
 def test_check_every_measures_only_every_nth_step():
     model = mlp()
     x, y = classification_data()
@@ -310,6 +368,7 @@ def test_accepts_instance_string_and_config_dict():
         (dict(min_step=0.5, max_step=0.1), "`max_step` must be greater than `min_step`"),
         (dict(patience=0), "`patience` must be an integer >= 1. Received: patience=0"),
         (dict(check_every=2.5), "`check_every` must be an integer >= 1. Received: check_every=2.5"),
+        (dict(weights_check_every=0), "`weights_check_every` must be an integer >= 1. Received: weights_check_every=0"),
         (dict(nonfinite_gradient="drop"), "`nonfinite_gradient` must be one of 'ignore', 'warn', 'skip', 'raise'. Received: nonfinite_gradient='drop'"),
         (dict(tiny_step="skip"), "`tiny_step` must be one of 'ignore', 'warn', 'raise'. Received: tiny_step='skip'"),
         (dict(max_consecutive_skips=0), "`max_consecutive_skips` must be an integer >= 1"),
@@ -342,11 +401,12 @@ def test_misuse_is_rejected():
 def test_config_round_trip():
     opt = guardedopt.GuardedOptimizer(
         keras.optimizers.AdamW(2e-3, weight_decay=0.01), nonfinite_gradient="raise",
-        min_step=1e-8, max_step=5.0, patience=7, check_every=4, name="guard",
+        min_step=1e-8, max_step=5.0, patience=7, check_every=4, weights_check_every=3,
+        name="guard",
     )
     config = opt.get_config()
     clone = guardedopt.GuardedOptimizer.from_config(config)
-    assert clone.get_config() == config
+    assert clone.get_config() == config and clone.weights_check_every == 3
     assert isinstance(clone.inner_optimizer, keras.optimizers.AdamW)
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(again, guardedopt.GuardedOptimizer) and again.get_config() == config
@@ -445,14 +505,22 @@ def _wide_model():
     return keras.Sequential([keras.Input((40,)), keras.layers.Dense(300), keras.layers.Dense(2)])
 
 
+def _unsampled(variable, k):
+    """The flat position just after the `k`-th run of the variable's sample."""
+    positions = guardedopt.checks.sample_positions(int(np.prod(variable.shape)))
+    width = guardedopt.checks.SAMPLE_SIZE // guardedopt.checks.SAMPLE_BLOCKS
+    position = int(positions[(k + 1) * width - 1]) + 1
+    assert position not in positions
+    return position
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_nan_outside_the_sample_of_a_large_variable_is_skipped_exactly(mode):
     model = _wide_model()
     opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3))
     kernel = model.trainable_variables[0]
     grads = [tf.ones_like(v) * 1e-3 for v in model.trainable_variables]
-    stride = int(np.prod(kernel.shape)) // guardedopt.checks.SAMPLE_SIZE
-    position = 5 * stride + 1  # between two sampled entries
+    position = _unsampled(kernel, 5)  # between two sampled entries
     poisoned = np.full(kernel.shape, 1e-3, np.float32)
     poisoned.flat[position] = np.nan
     bad = [tf.constant(poisoned)] + grads[1:]
@@ -476,9 +544,8 @@ def test_zero_gradient_of_a_large_variable_is_exact(mode):
     model = _wide_model()
     opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.1), patience=2)
     kernel, *rest = model.trainable_variables
-    stride = int(np.prod(kernel.shape)) // guardedopt.checks.SAMPLE_SIZE
     one_unsampled = np.zeros(kernel.shape, np.float32)
-    one_unsampled.flat[3 * stride + 2] = 1e-20  # the sample reads only zeros
+    one_unsampled.flat[_unsampled(kernel, 3)] = 1e-20  # the sample reads only zeros
 
     def apply(kernel_grad):
         grads = [kernel_grad] + [tf.ones_like(v) for v in rest]
@@ -514,23 +581,29 @@ def test_default_xla_step_copies_no_weight_or_slot():
 
     assert copies() == 0
     assert copies(check_every=10) == 0
+    assert copies(weights_check_every=1) == 0
     assert copies(nonfinite_weights="skip") >= 1  # the old weights, kept for the restore
 
 
-def test_default_xla_step_makes_no_full_pass_beyond_the_update_and_two_sums():
+@pytest.mark.parametrize("weights_check_every, sums", [(10, 1), (1, 2)])
+def test_default_xla_step_makes_no_full_pass_beyond_the_update_and_the_sums(weights_check_every, sums):
     """Per step, the only full-size loops are the inner update's own (m, v, w
-    for Adam) and the plain sums of the gradient and the new weights; every
-    exact check stays inside a conditional taken only on a suspicious step
-    (`checks.keep_conditional`: without it XLA hoisted the weights' check)."""
+    for Adam) and plain sums: of the gradient, and of the new weights when
+    they are checked in full every step (by default every 10th step, in a
+    conditional). Every exact check stays inside a conditional taken only on
+    a suspicious step (`checks.keep_conditional`: without it XLA hoisted the
+    weights' check)."""
     size = 50_000
     variables = [tf.Variable(tf.ones([size]))]
-    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3))
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.Adam(1e-3), weights_check_every=weights_check_every
+    )
     opt.build(variables)
     hlo = _optimized_hlo(opt, variables, [tf.ones([size])])
     entry = hlo[hlo.index("\nENTRY"):]
     loops = [line for line in entry.splitlines() if f"= f32[{size}]{{0}} fusion(" in line]
     assert len(loops) == 3, loops
-    assert entry.count("kind=kCustom") == 2  # the two plain sums (library reductions)
+    assert entry.count("kind=kCustom") == sums  # plain sums (library reductions)
     assert entry.count(" conditional(") == 2
 
 
