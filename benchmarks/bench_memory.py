@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "100000", "1000000", "10000000"], "Parameter counts of part 2.")
 flags.DEFINE_list("nvars", ["1", "10", "100"], "Variable counts (parts 1 and 2 at --nvars_size).")
 flags.DEFINE_integer("nvars_size", 1_000_000, "Parameter count of the variable-count sweep.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_w1", "guard_skipw", "lso"], "Variants.")
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "lso"], "Variants.")
 flags.DEFINE_integer("rss_size", 10_000_000, "Parameter count of the RSS part (0: skip it).")
 flags.DEFINE_integer("threads", 1, "TF threads.")
 flags.DEFINE_bool("quick", False, "bare and guard only, 1e6 parameters in 1 variable, no RSS part.")
