@@ -95,7 +95,10 @@ def sample_positions(n: int, size: int = SAMPLE_SIZE) -> np.ndarray:
 
 def sample_size(n: int, size: int = SAMPLE_SIZE) -> int:
     """Length of `flat_sample` of a tensor with `n` entries."""
-    return min(n, size)
+    if n <= size:
+        return n
+    blocks, width, _ = _sample_layout(n, size)
+    return blocks * width  # `size` when it is a multiple of SAMPLE_BLOCKS
 
 
 def keep_conditional(value):

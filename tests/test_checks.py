@@ -128,6 +128,10 @@ def test_flat_sample_reads_fixed_runs_of_consecutive_entries():
     small = tf.reshape(tf.range(6.0), [2, 3])
     np.testing.assert_array_equal(_both(checks.flat_sample, small), np.arange(6.0))
     assert checks.sample_size(LARGE) == checks.SAMPLE_SIZE and checks.sample_size(6) == 6
+    # A size that is not a multiple of the run count: the length still matches.
+    odd = _both(lambda v: checks.flat_sample(v, size=100), values)
+    assert odd.shape == (checks.sample_size(LARGE, size=100),) == (96,)
+    np.testing.assert_array_equal(odd, checks.sample_positions(LARGE, size=100))
 
 
 def test_stack_samples_pads_rows():
