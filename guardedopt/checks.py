@@ -277,10 +277,12 @@ def sampled_l2_norms(tensors: Sequence) -> tf.Tensor:
 
 
 def row_relative_steps(previous, current, sizes: Sequence[int], epsilon: float) -> tf.Tensor:
-    """`relative_step` of each row pair of two sample matrices, in float32.
+    """The effective step ‖current - previous‖ / max(‖previous‖, ε·√size) per row, in float32.
 
-    `sizes[r]` is the number of real (unpadded) entries of row `r`; the
-    epsilon floor uses it, as `relative_step` uses the tensor's size.
+    `epsilon` is a floor on the root-mean-square of the weights, so a variable
+    initialised at zero (a bias) does not divide by zero, and the floor does
+    not depend on the variable's size. `sizes[r]` is the number of real
+    (unpadded) entries of row `r`: the size in that floor.
     """
     floor = tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], previous.dtype)
     delta = tf.sqrt(tf.reduce_sum(tf.square(current - previous), axis=1))
@@ -302,18 +304,6 @@ def l2_norm(tensor) -> tf.Tensor:
     dtype = tf.float64 if values.dtype == tf.float64 else tf.float32
     values = tf.cast(values, dtype)
     return tf.sqrt(tf.reduce_sum(tf.square(values)))
-
-
-def relative_step(old, new, epsilon: float) -> tf.Tensor:
-    """The effective step ‖new - old‖ / max(‖old‖, epsilon·√size), in float32.
-
-    `epsilon` is a floor on the root-mean-square of the weights, so a variable
-    initialised at zero (a bias) does not divide by zero, and the floor does not
-    depend on the variable's size. (`row_relative_steps` for one row.)
-    """
-    size = old.shape.num_elements() or 0
-    rows = [tf.reshape(tf.cast(x, tf.float32), [1, -1]) for x in (old, new)]
-    return row_relative_steps(rows[0], rows[1], [size], epsilon)[0]
 
 
 def update_streak(streak, flag, active) -> tf.Tensor:

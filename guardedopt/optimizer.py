@@ -438,8 +438,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             to `"raise"`.
         nonfinite_weights: Policy for an update that turned finite weights into
             NaN/Inf (with finite gradients): `"ignore"`, `"warn"` (the default;
-            checked on measured steps), `"skip"` (restore weights and slots
-            exactly; checked every step) or `"raise"`. `"skip"` and `"raise"`
+            see `weights_check_every`), `"skip"` (restore weights and slots
+            exactly; checked in full every step) or `"raise"`. `"skip"` and `"raise"`
             decide after the update, so the step keeps every pre-update weight
             and slot until then: under XLA a transient copy of all of them
             (about 2x bare Adam's `apply` time at 10^6 parameters, measured).
@@ -1036,7 +1036,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             **measured["changes"],
         )
         updates = self._packed_updates(state, changes)
-        updates.append((self.step_sample, self._samples_table(samples_table, positions, samples_new)))
+        updates.append((self.step_sample, checks.place(samples_new, positions, samples_table)))
         updates += scale_updates
         _assign_all(updates)
 
@@ -1068,10 +1068,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             for v in variables
         ]
         return checks.stack_samples(values, self.step_sample.dtype)
-
-    def _samples_table(self, table, positions, samples):
-        """The sample table with `samples` in the rows of `positions`."""
-        return checks.place(samples, positions, table)
 
     def _weights_nonfinite(self, weights_new, samples_new, positions, any_nonfinite):
         """Per-variable "the update made finite weights NaN/Inf" flags, all entries read."""

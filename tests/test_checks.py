@@ -49,13 +49,14 @@ def test_is_all_zero():
 
 
 def test_relative_step_and_epsilon_floor():
-    old = tf.constant([3.0, 4.0])
-    new = tf.constant([3.0, 4.5])
-    np.testing.assert_allclose(_both(lambda a, b: checks.relative_step(a, b, 1e-3), old, new), 0.1, rtol=1e-6)
-    zeros = tf.zeros([4])
-    step = tf.fill([4], 1e-3)
+    old = tf.constant([[3.0, 4.0]])
+    new = tf.constant([[3.0, 4.5]])
+    steps = _both(lambda a, b: checks.row_relative_steps(a, b, [2], 1e-3), old, new)
+    np.testing.assert_allclose(steps, [0.1], rtol=1e-6)
+    zeros = tf.zeros([1, 4])
+    step = tf.fill([1, 4], 1e-3)
     # A zero-initialised variable divides by ε·√n, not by 0.
-    np.testing.assert_allclose(float(checks.relative_step(zeros, step, 1e-3)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(checks.row_relative_steps(zeros, step, [4], 1e-3), [1.0], rtol=1e-6)
 
 
 def test_largest_magnitude_counts_nan_as_infinity_under_xla_too():
@@ -253,15 +254,16 @@ def test_sampled_l2_norms():
     np.testing.assert_allclose(norms[0], np.linalg.norm(large), rtol=0.1)
 
 
-def test_row_relative_steps_match_relative_step():
+def test_row_relative_steps_match_the_formula_on_the_real_entries():
     rng = np.random.default_rng(1)
     old = rng.standard_normal((2, 5)).astype(np.float32)
     new = old + 0.01 * rng.standard_normal((2, 5)).astype(np.float32)
     new[1, 3:] = old[1, 3:] = 0.0  # row 1 has 3 real entries and 2 of padding
     rows = checks.row_relative_steps(tf.constant(old), tf.constant(new), [5, 3], 1e-3).numpy()
     for r, size in enumerate([5, 3]):
-        expected = checks.relative_step(tf.constant(old[r, :size]), tf.constant(new[r, :size]), 1e-3)
-        np.testing.assert_allclose(rows[r], float(expected), rtol=1e-6)
+        real_old, real_new = old[r, :size].astype(np.float64), new[r, :size].astype(np.float64)
+        expected = np.linalg.norm(real_new - real_old) / max(np.linalg.norm(real_old), 1e-3 * size**0.5)
+        np.testing.assert_allclose(rows[r], expected, rtol=1e-6)
     zero_rows = checks.row_relative_steps(tf.zeros([1, 4]), tf.fill([1, 4], 1e-3), [4], 1e-3)
     np.testing.assert_allclose(zero_rows, [1.0], rtol=1e-6)
 
