@@ -1,4 +1,4 @@
-"""Runs the whole benchmark suite: optimizer-only, train step, memory.
+"""Runs the whole benchmark suite: optimizer-only (1 thread and TF's default threads), train step, memory.
 
     python benchmarks/run_suite.py                 # full suite
     python benchmarks/run_suite.py --quick         # about a minute
@@ -26,9 +26,22 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Quick versions of every benchmark.")
 flags.DEFINE_string("tag", "", "Suffix of the result files.")
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads.")
-flags.DEFINE_list("only", ["optimizer", "train_step", "memory"], "Benchmarks to run.")
+flags.DEFINE_list("only", ["optimizer", "optimizer_tf_threads", "train_step", "memory"], "Benchmarks to run.")
 
-SCRIPTS = dict(optimizer="bench_optimizer.py", train_step="bench_train_step.py", memory="bench_memory.py")
+# name: (script, result-file suffix, arguments). `optimizer_tf_threads`
+# repeats the optimizer-only XLA Adam matrix with TensorFlow's default thread
+# pools (`--threads=0`, what a user runs; it overrides `--threads`): with one
+# intra-op thread XLA:CPU runs the bare update on the caller and one pool
+# thread, but the guarded one, which waits on its gradient check first, on the
+# pool thread alone (README "Threads").
+PARTS = dict(
+    optimizer=("bench_optimizer.py", "", []),
+    optimizer_tf_threads=("bench_optimizer.py", "_tf_threads", [
+        "--threads=0", "--modes=xla", "--inners=adam", "--sizes=1000000,10000000",
+        "--nvars=1,10,100", "--variants=bare,guard,lso", "--checks_alone=false"]),
+    train_step=("bench_train_step.py", "", []),
+    memory=("bench_memory.py", "", []),
+)
 
 
 def main(argv):
@@ -37,19 +50,24 @@ def main(argv):
     suffix = FLAGS.tag or ("_quick" if FLAGS.quick else "")
     started = time.perf_counter()
     parts = []
-    for name in FLAGS.only:
-        cmd = [sys.executable, os.path.join(here, SCRIPTS[name]), f"--threads={FLAGS.threads}"]
+    names = FLAGS.only
+    if FLAGS.quick and not FLAGS["only"].present:
+        # Its quick matrix (one variable) has nothing to show; the minute is tight.
+        names = [n for n in names if n != "optimizer_tf_threads"]
+    for name in names:
+        script, part_suffix, arguments = PARTS[name]
+        cmd = [sys.executable, os.path.join(here, script), f"--threads={FLAGS.threads}"] + arguments
         if FLAGS.quick:
             cmd.append("--quick")
-        if FLAGS.tag:
-            cmd.append(f"--tag={FLAGS.tag}")
+        if part_suffix or FLAGS.tag:
+            cmd.append(f"--tag={part_suffix}{suffix}")
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         rc = subprocess.call(cmd, env=env)
         elapsed = time.perf_counter() - t0
         print(f"=== {name}: exit {rc}, {elapsed:.0f} s", flush=True)
-        md = os.path.join(common.RESULTS_DIR, f"{name}{suffix}.md")
+        md = os.path.join(common.RESULTS_DIR, f"{script[len('bench_'):-len('.py')]}{part_suffix}{suffix}.md")
         if os.path.exists(md):
             parts.append(f"## {name} ({elapsed:.0f} s)\n\n" + open(md).read())
     total = time.perf_counter() - started
