@@ -1,11 +1,12 @@
-"""Runs the whole benchmark suite: optimizer-only (1 thread and TF's default threads), train step, memory.
+"""Runs the whole benchmark suite: optimizer-only (with 1 thread and with TF's
+default threads), train step, memory.
 
     python benchmarks/run_suite.py                 # full suite
     python benchmarks/run_suite.py --quick         # about a minute
     python benchmarks/run_suite.py --tag=_run2     # results/*_run2.*
 
 Each benchmark runs in its own process (one after the other, never in
-parallel: they time the same CPUs). The Markdown tables of all three are
+parallel: they time the same CPUs). The Markdown tables of all parts are
 collected in results/suite<tag>.md.
 """
 
