@@ -197,8 +197,25 @@ def _exact_largest(values, dtype):
 
 
 def _exact_largest_kept(values, dtype):
-    """The rare branch: `largest_magnitude` of each tensor, in a kept conditional."""
-    return keep_conditional(tf.stack([_exact_largest(v, dtype) for v in values]))
+    """The rare branch: `largest_magnitude` of each tensor, in a kept conditional.
+
+    One tensor at a time: each `|x|` temporary is computed only after the
+    previous tensor's answer (`_after`), so XLA can put them all in one
+    buffer and the branch reserves the bytes of the largest tensor, not of
+    all of them.
+    """
+    answers = []
+    for v in values:
+        v = gradient_values(v)
+        if answers:
+            v = _after(v, answers[-1])
+        answers.append(_exact_largest(v, dtype))
+    return keep_conditional(tf.stack(answers))
+
+
+def _after(values, largest):
+    """`values`, bits included, ordered after `largest` (a `largest_magnitude`, never -1)."""
+    return tf.where(tf.equal(largest, -1), tf.zeros_like(values), values)
 
 
 def _one_by_one_unless_sized(values, batched, single, dtype):

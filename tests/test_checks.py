@@ -1,5 +1,11 @@
 """The pure tensor functions of each check, alone, eagerly and under XLA."""
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -207,6 +213,41 @@ def test_screened_checks_of_mixed_dtypes_trace():
         _both(run, _large(at=UNSAMPLED, value=np.inf), small),
         [[True, True], [False, False], [True, True]],
     )
+
+
+def test_exact_branch_answers_each_tensor_in_turn():
+    """The exact branch runs tensor after tensor; an answer (Inf, 0) must not leak into the next."""
+    def run(a, b, c, d):
+        nonfinite, zero = checks.screened_nonfinite_and_zero([a, b, c, d])
+        return tf.stack([nonfinite, zero])
+
+    flags = _both(
+        run, _large(), _large(at=UNSAMPLED, value=np.nan), _large(0.0), _large(at=UNSAMPLED, value=-np.inf)
+    )
+    np.testing.assert_array_equal(flags, [[False, True, False, True], [False, False, True, False]])
+
+
+_XLA_TEMP_SCRIPT = """
+import tensorflow as tf
+from guardedopt import checks
+tensors = [tf.fill([{size}], float(i + 1)) for i in range({count})]
+fn = tf.function(lambda *t: checks.screened_nonfinite(list(t)), jit_compile=True)
+print(fn(*tensors).numpy())
+"""
+
+
+def test_exact_branch_reserves_about_one_tensor_not_all(tmp_path):
+    """XLA's buffer assignment (a dump from a fresh process): the rare exact
+    branch's `|x|` temporaries share one buffer, so the step reserves about
+    one tensor's bytes however many tensors it checks (before: all of them)."""
+    size, count = 50_000, 6
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path}", TF_CPP_MIN_LOG_LEVEL="3")
+    script = textwrap.dedent(_XLA_TEMP_SCRIPT.format(size=size, count=count))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True)
+    reports = [p.read_text() for p in tmp_path.glob("*buffer-assignment.txt")]
+    temps = [int(n) for text in reports for n in re.findall(r"allocation \d+: size (\d+), preallocated-temp", text)]
+    one_tensor = size * 4
+    assert one_tensor <= max(temps) < 2 * one_tensor, (max(temps), one_tensor)
 
 
 def _conditionals(fn, *args):
