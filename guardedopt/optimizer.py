@@ -461,7 +461,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         max_consecutive_skips: Skipped steps in a row after which `"skip"`
             escalates to `"raise"` (int >= 1).
         check_every: Run the measuring checks (tiny and large step) every N
-            steps (int >= 1). The gradient checks run every step.
+            steps (int >= 1). Their sample reads of the weights, before and
+            after the update, then run on those steps only, and so does the
+            per-step sample check of `nonfinite_weights="warn"`. The gradient
+            checks run every step.
         weights_check_every: Under `nonfinite_weights="warn"`, read all of
             each updated variable for NaN/Inf every N steps (int >= 1); the
             1024-entry sample of each variable (all of a smaller one) is
@@ -593,7 +596,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         self._build_guard_state(var_list)
-        self._initialize_samples(var_list)
         super().build(var_list)
         self._check_configuration(var_list)
 
@@ -614,39 +616,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 aggregation="none", name=name,
             )
 
-        def table(name, shape, dtype, initial):
-            return self.add_variable(
-                shape=shape, dtype=dtype, initializer=keras.initializers.Constant(initial),
-                aggregation="none", name=name,
-            )
-
         # Two packed vectors instead of a variable per counter: each resource
         # variable costs the compiled step a fixed few microseconds.
         self._counter_layout, self._measurement_layout = _state_layouts(n)
         self._guard_counters = packed("guard_counters", self._counter_layout, "int64")
         self._guard_measurements = packed("guard_measurements", self._measurement_layout, "float32")
-        # The step checks' sample of each variable after the last step
-        # (`checks.flat_sample`, at most SAMPLE_SIZE entries each), first taken
-        # when the guard is built (see `_initialize_samples`).
-        # Rows are zero-padded to SAMPLE_SIZE (`checks.stack_samples`).
-        sample_dtype = "float64" if "float64" in self._var_dtypes else "float32"
-        self.step_sample = table("step_sample", (n, checks.SAMPLE_SIZE), sample_dtype, 0.0)
+        # The dtype of the step checks' samples (`checks.stack_samples`).
+        self._sample_dtype = tf.float64 if "float64" in self._var_dtypes else tf.float32
         if self.class_balancer is not None and self.class_balancer.num_classes:
             self.class_balancer.build(
                 self.class_balancer.num_classes, add_variable=self.add_variable
             )
-
-    def _initialize_samples(self, var_list):
-        """Takes the first step-check samples from the weights as they are now.
-
-        Build may run inside a trace; the weights' current values are read
-        eagerly, once, so the first step is measured too.
-        """
-        if not var_list:
-            return
-        with tf.init_scope():
-            if tf.executing_eagerly():
-                _unwrap_value(self.step_sample).assign(self._samples_of(var_list))
 
     @tf.autograph.experimental.do_not_convert
     def _check_configuration(self, var_list):
@@ -921,12 +901,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         skip_before = tf.logical_or(grad_skip, pending_before > 0)
         skip_before = tf.logical_or(skip_before, raise_before > 0)
 
-        # The step checks compare a sample of each variable with the sample
-        # kept from the previous step; it counts only if the weights were not
-        # changed in between (set_weights, a restore without the optimizer).
-        samples_table = _unwrap_value(self.step_sample).read_value()
-        previous = samples_table if positions == list(range(n)) else tf.gather(samples_table, positions)
-        unchanged_k = tf.reduce_all(tf.equal(self._samples_of(variables), previous), axis=1)
+        # The step checks compare a sample of each variable read just before
+        # the update with the same entries after it: the step measured is this
+        # update alone, whatever wrote the weights between steps (set_weights,
+        # a restore). With `check_every` > 1 both reads run on measured steps only.
+        sample_now = self._sample_now(step)
+        previous = None
+        if self._measuring():
+            # 1 on every step, but XLA cannot know it (see `_samples_when`).
+            one = tf.cast(tf.not_equal(step, 0), self._sample_dtype)
+            previous = self._samples_when(variables, sample_now, one=one)
 
         # 3. The update itself, exactly as unguarded.
         scale_state = self._loss_scale_state()
@@ -945,10 +929,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             grads = [_nonfinite_where(any_nonfinite, g) for g in grads]
         skip_without_snapshot = not _distributed() and not self._restores_after_update()
         if skip_without_snapshot:
-            # `unchanged_k` joins the mask (its second term is never true:
-            # `step` >= 1) so that XLA orders those reads before the in-place
-            # update instead of copying the weights to keep them.
-            mask = tf.logical_or(skip_before, tf.logical_and(tf.reduce_all(unchanged_k), step < 0))
+            mask = skip_before
+            if previous is not None:
+                # `previous` joins the mask (the second term is never true:
+                # `step` >= 1) so that XLA orders those reads before the
+                # in-place update instead of copying the weights to keep them.
+                mask = tf.logical_or(
+                    mask, tf.logical_and(tf.reduce_any(tf.math.is_nan(previous)), step < 0)
+                )
             self._apply_unless(mask, grads, variables)
         else:
             weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
@@ -957,20 +945,21 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         # 4. Checks on the result.
         weights_new = [_unwrap_value(v).read_value() for v in variables]
-        samples_new = self._samples_of(weights_new)
+        # "skip"/"raise" of non-finite weights answer small variables from
+        # their sample on every step.
+        every_step = self.nonfinite_weights in (SKIP, RAISE)
+        samples_new = self._samples_when(weights_new, None if every_step else sample_now)
         weights_bad = no_events
         if self.nonfinite_weights in (SKIP, RAISE):
             # Every step: the verdict decides whether the step is undone.
             weights_bad = self._weights_nonfinite(weights_new, samples_new, positions, any_nonfinite)
         elif self.nonfinite_weights == WARN:
             weights_bad = self._weights_nonfinite_seen(
-                step, weights_new, samples_new, positions, any_nonfinite, state
+                step, weights_new, samples_new, sample_now is None, positions, any_nonfinite, state
             )
         measured = self._measure(
             step, grads, previous, samples_new, positions, present, zero,
-            tf.logical_or(grad_skip, any_nonfinite),
-            checks.scatter_to_slots(unchanged_k, positions, n, False),
-            state, norms_k=norms_k,
+            tf.logical_or(grad_skip, any_nonfinite), state, norms_k=norms_k,
         )
         any_weights_bad = tf.reduce_any(weights_bad)
 
@@ -995,7 +984,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 skip_after,
                 list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)),
             )
-            samples_new = self._samples_of(variables)  # as restored
         scale_updates = self._loss_scale_updates(scale_state, scale_old, skip, overflow)
 
         # 6. Counters.
@@ -1036,7 +1024,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             **measured["changes"],
         )
         updates = self._packed_updates(state, changes)
-        updates.append((self.step_sample, checks.place(samples_new, positions, samples_table)))
         updates += scale_updates
         _assign_all(updates)
 
@@ -1067,7 +1054,34 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             _unwrap_value(v).read_value() if isinstance(v, (keras.Variable, tf.Variable)) else v
             for v in variables
         ]
-        return checks.stack_samples(values, self.step_sample.dtype)
+        return checks.stack_samples(values, self._sample_dtype)
+
+    def _sample_now(self, step):
+        """None if the step checks read their samples every step, else whether this step does."""
+        if self.check_every == 1:
+            return None
+        return tf.equal(step % self.check_every, 0)
+
+    def _samples_when(self, variables, now, one=None):
+        """`_samples_of(variables)`; where `now` is a tensor, only when it holds (zeros otherwise).
+
+        A real conditional (`checks.keep_conditional`): as selects XLA would
+        read the samples on every step.
+        """
+        if now is None:
+            samples = self._samples_of(variables)
+            if one is not None:
+                # A division (by 1, exact) is an op XLA will not recompute in
+                # each consumer: a sample read before the update and used after
+                # it is otherwise re-read from the weights by the later fusions,
+                # after the in-place update, and XLA copies the weights for that.
+                samples = samples / one
+            return samples
+        return tf.cond(
+            now,
+            lambda: checks.keep_conditional(self._samples_of(variables)),
+            lambda: tf.zeros([len(variables), checks.SAMPLE_SIZE], self._sample_dtype),
+        )
 
     def _weights_nonfinite(self, weights_new, samples_new, positions, any_nonfinite):
         """Per-variable "the update made finite weights NaN/Inf" flags, all entries read."""
@@ -1077,22 +1091,27 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # Non-finite gradients explain non-finite weights: that is their finding.
         return tf.logical_and(bad, tf.logical_not(any_nonfinite))
 
-    def _weights_nonfinite_seen(self, step, weights_new, samples_new, positions, any_nonfinite, state):
-        """The "warn" weights check: each sample every step, all entries every `weights_check_every`.
+    def _weights_nonfinite_seen(self, step, weights_new, samples_new, sampled_every_step,
+                                positions, any_nonfinite, state):
+        """The "warn" weights check: each sample when read, all entries every `weights_check_every`.
 
-        A NaN/Inf weight found between the whole-variable passes is explained
-        by a non-finite gradient anywhere in the window since the last pass
-        (the weights keep a NaN once they have one).
+        `samples_new` are the samples after the update, read every step if
+        `sampled_every_step`, else on measured steps only (zeros otherwise);
+        the whole-variable pass then reads its own. A NaN/Inf weight found
+        between the whole-variable passes is explained by a non-finite
+        gradient anywhere in the window since the last pass (the weights keep
+        a NaN once they have one).
         """
         every = self.weights_check_every
+        full_pass_samples = samples_new if sampled_every_step else None
         if every == 1:
-            return self._weights_nonfinite(weights_new, samples_new, positions, any_nonfinite)
+            return self._weights_nonfinite(weights_new, full_pass_samples, positions, any_nonfinite)
         n = len(self._variable_paths)
         bad_k = tf.cond(
             tf.equal(step % every, 0),
             # Kept a real conditional: as selects the sums would run every step.
             lambda: checks.keep_conditional(
-                tf.cast(checks.screened_nonfinite(weights_new, samples_new), tf.float32)
+                tf.cast(checks.screened_nonfinite(weights_new, full_pass_samples), tf.float32)
             ) > 0,
             lambda: checks.nonfinite_in_samples(samples_new),
         )
@@ -1154,15 +1173,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return nonfinite, zero, total[2 * k:]
 
     def _measure(self, step, grads, previous, samples_new, positions, present, zero,
-                 nonfinite_step, unchanged, state, norms_k=None):
+                 nonfinite_step, state, norms_k=None):
         """The measuring checks (tiny, large, below resolution).
 
         The effective step `‖Δw‖/max(‖w‖, ε√n)` is computed on each variable's
         `checks.flat_sample` (all of a variable up to `checks.SAMPLE_SIZE`
-        entries): `previous` is the sample kept from the previous step and
-        `samples_new` the one after this update. `unchanged` marks the
-        variables whose weights still matched `previous` before the update;
-        the others are not measured this step. `state`: the state views read
+        entries): `previous` is the sample read just before this update and
+        `samples_new` the one after it. `state`: the state views read
         at the start of the step. `norms_k`: the gradient norms
         when already computed (and agreed across replicas).
 
@@ -1204,7 +1221,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ratio, norm = tf.cond(measure_now, measure_kept, lambda: (unmeasured, unmeasured))
         active = tf.logical_and(present, measure_now)
         active = tf.logical_and(active, tf.logical_not(nonfinite_step))
-        active = tf.logical_and(active, unchanged)
         # A zero gradient is reported by its own check; it is not a tiny step.
         moving = tf.logical_and(active, tf.logical_not(zero))
         # A relative step below the dtype's precision rounds away in most
@@ -1657,6 +1673,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         expected = len(self.variables)
         if not self.built or saved in (0, expected):
             return super().load_own_variables(store)
+        old_table = self._old_sample_table_index(store)
+        if old_table is not None:
+            # Files of guardedopt before 0.2 held the step checks' sample table,
+            # which the step no longer keeps: the rest loads as it was.
+            logging.info("guardedopt: dropping the sample table of an older %r file.", self.name)
+            kept = [store[str(i)] for i in range(saved) if i != old_table]
+            return super().load_own_variables({str(i): value for i, value in enumerate(kept)})
         inner_count = len(self.inner_optimizer.variables)
         if saved == inner_count:
             logging.warning(
@@ -1680,6 +1703,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "saved with, or load only the weights (`model.load_weights` of a "
             "`.weights.h5` saved without the optimizer, or `skip_mismatch=True`)."
         )
+
+    def _old_sample_table_index(self, store) -> Optional[int]:
+        """Where an older file keeps its `[variables, 1024]` sample table, if it has one.
+
+        It followed the packed measurements among the guard's own variables.
+        """
+        own = self.variables
+        index = next(i for i, v in enumerate(own) if v is self._guard_measurements) + 1
+        if len(store.keys()) != len(own) + 1 or str(index) not in store:
+            return None
+        shape = tuple(np.shape(store[str(index)]))
+        return index if shape == (len(self._variable_paths), checks.SAMPLE_SIZE) else None
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         """The checkpoint layout: the inner optimizer's, plus the guard's state.

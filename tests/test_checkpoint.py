@@ -121,6 +121,27 @@ def test_keras_file_of_guard_into_bare_optimizer_warns(tmp_path):
     assert _bits(inner.variables) == _bits(guarded.optimizer.inner_optimizer.variables)
 
 
+def test_store_of_an_older_guard_with_a_sample_table_loads():
+    """Files written before the step-check sample table was dropped hold one
+    more variable, `[variables, 1024]`, after the packed measurements: the
+    rest loads, bit for bit."""
+    guarded = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
+    guard = guarded.optimizer
+    values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in guard.variables]
+    at = next(i for i, v in enumerate(guard.variables) if v is guard._guard_measurements) + 1
+    table = np.ones((len(guarded.trainable_variables), guardedopt.checks.SAMPLE_SIZE), np.float32)
+    older = values[:at] + [table] + values[at:]
+
+    fresh = resume.make_model()
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.optimizer.load_own_variables({str(i): v for i, v in enumerate(older)})
+    assert _bits(fresh.optimizer.variables) == _bits(values)
+    # A store with an extra variable of another shape is still refused.
+    wrong = values[:at] + [np.ones(3, np.float32)] + values[at:]
+    with pytest.raises(ValueError, match="Cannot load the optimizer state"):
+        fresh.optimizer.load_own_variables({str(i): v for i, v in enumerate(wrong)})
+
+
 def test_keras_file_of_other_optimizer_raises(tmp_path):
     guarded = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
     path = str(tmp_path / "adam.weights.h5")

@@ -607,6 +607,28 @@ def test_default_xla_step_makes_no_full_pass_beyond_the_update_and_the_sums(weig
     assert entry.count(" conditional(") == 2
 
 
+def test_weight_samples_are_read_only_on_measured_steps():
+    """With `check_every` > 1 the step checks' samples of the weights (before
+    and after the update, a few small kernels per variable) move off the
+    step's top level into conditionals taken on measured steps only; the
+    gradient's sample (the flags) stays. No copy of the weights either way."""
+    size, count = 50_000, 4
+
+    def entry(check_every):
+        variables = [tf.Variable(tf.ones([size])) for _ in range(count)]
+        opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), check_every=check_every)
+        opt.build(variables)
+        hlo = _optimized_hlo(opt, variables, [tf.ones([size])] * count)
+        assert hlo.count(f"f32[{size}]{{0}} copy(") == 0
+        return hlo[hlo.index("\nENTRY"):]
+
+    every, tenth = entry(1), entry(10)
+    # The gradients' exact check, the weights' full pass; then the
+    # measurement and the two sample reads.
+    assert every.count(" conditional(") == 2 and tenth.count(" conditional(") == 5
+    assert tenth.count(" fusion(") <= every.count(" fusion(") - 2 * count
+
+
 def test_writes_are_unmasked_after_the_step():
     model = mlp()
     x, y = classification_data()
@@ -616,18 +638,28 @@ def test_writes_are_unmasked_after_the_step():
         assert "assign" not in guardedopt.optimizer._unwrap_value(v).__dict__
 
 
-def test_weights_changed_between_steps_are_not_measured_as_a_step():
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_weights_changed_between_steps_are_not_measured_as_a_step(mode, check_every):
     model = mlp()
     x, y = classification_data()
-    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(1e-3), large_step="raise", patience=1)
-    step = make_step(model, opt, tf.constant(x), tf.constant(y), "xla")
-    step()
-    ratios = opt.last_step_ratio.numpy()
-    # A jump from outside the optimizer (set_weights, a reload) is no step.
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.SGD(1e-3), large_step="raise", patience=1, check_every=check_every
+    )
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
+    for _ in range(check_every):
+        step()
+    # A jump from outside the optimizer (set_weights, a reload) is no step: a
+    # step ratio of ~99 would raise. The next measured step is the update alone.
     model.set_weights([w * 100.0 for w in model.get_weights()])
-    step()
+    for _ in range(check_every):
+        before = [v.numpy() for v in model.trainable_variables]
+        step()
     opt.check()
-    np.testing.assert_array_equal(opt.last_step_ratio.numpy(), ratios)
-    step()
-    opt.check()
-    assert (opt.last_step_ratio.numpy() != ratios).all()
+    after = [v.numpy() for v in model.trainable_variables]
+    expected = [
+        np.linalg.norm(a - b) / max(np.linalg.norm(b), opt.step_epsilon * b.size**0.5)
+        for a, b in zip(after, before)
+    ]
+    np.testing.assert_allclose(opt.last_step_ratio.numpy(), expected, rtol=1e-4)
+    assert opt.report().skipped_steps == 0 and max(expected) < 0.1  # the jump: ~99
