@@ -461,10 +461,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         max_consecutive_skips: Skipped steps in a row after which `"skip"`
             escalates to `"raise"` (int >= 1).
         check_every: Run the measuring checks (tiny and large step) every N
-            steps (int >= 1). Their sample reads of the weights, before and
-            after the update, then run on those steps only, and so does the
-            per-step sample check of `nonfinite_weights="warn"`. The gradient
-            checks run every step.
+            steps (int >= 1). The gradient checks run every step.
         weights_check_every: Under `nonfinite_weights="warn"`, read all of
             each updated variable for NaN/Inf every N steps (int >= 1); the
             1024-entry sample of each variable (all of a smaller one) is
@@ -904,13 +901,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # The step checks compare a sample of each variable read just before
         # the update with the same entries after it: the step measured is this
         # update alone, whatever wrote the weights between steps (set_weights,
-        # a restore). With `check_every` > 1 both reads run on measured steps only.
-        sample_now = self._sample_now(step)
-        previous = None
-        if self._measuring():
-            # 1 on every step, but XLA cannot know it (see `_samples_when`).
-            one = tf.cast(tf.not_equal(step, 0), self._sample_dtype)
-            previous = self._samples_when(variables, sample_now, one=one)
+        # a restore).
+        previous = self._samples_before_update(variables, step) if self._measuring() else None
 
         # 3. The update itself, exactly as unguarded.
         scale_state = self._loss_scale_state()
@@ -945,17 +937,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         # 4. Checks on the result.
         weights_new = [_unwrap_value(v).read_value() for v in variables]
-        # "skip"/"raise" of non-finite weights answer small variables from
-        # their sample on every step.
-        every_step = self.nonfinite_weights in (SKIP, RAISE)
-        samples_new = self._samples_when(weights_new, None if every_step else sample_now)
+        samples_new = self._samples_of(weights_new)
         weights_bad = no_events
         if self.nonfinite_weights in (SKIP, RAISE):
             # Every step: the verdict decides whether the step is undone.
             weights_bad = self._weights_nonfinite(weights_new, samples_new, positions, any_nonfinite)
         elif self.nonfinite_weights == WARN:
             weights_bad = self._weights_nonfinite_seen(
-                step, weights_new, samples_new, sample_now is None, positions, any_nonfinite, state
+                step, weights_new, samples_new, positions, any_nonfinite, state
             )
         measured = self._measure(
             step, grads, previous, samples_new, positions, present, zero,
@@ -1056,32 +1045,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         ]
         return checks.stack_samples(values, self._sample_dtype)
 
-    def _sample_now(self, step):
-        """None if the step checks read their samples every step, else whether this step does."""
-        if self.check_every == 1:
-            return None
-        return tf.equal(step % self.check_every, 0)
+    def _samples_before_update(self, variables, step):
+        """`_samples_of(variables)` as read before the update, for use after it.
 
-    def _samples_when(self, variables, now, one=None):
-        """`_samples_of(variables)`; where `now` is a tensor, only when it holds (zeros otherwise).
-
-        A real conditional (`checks.keep_conditional`): as selects XLA would
-        read the samples on every step.
+        A division by 1 (exact; `step` is never 0 here, which XLA cannot
+        know) is an op XLA will not recompute in each consumer: otherwise the
+        later fusions re-read these (cheap) slices from the weights after the
+        in-place update, and XLA copies the weights for that.
         """
-        if now is None:
-            samples = self._samples_of(variables)
-            if one is not None:
-                # A division (by 1, exact) is an op XLA will not recompute in
-                # each consumer: a sample read before the update and used after
-                # it is otherwise re-read from the weights by the later fusions,
-                # after the in-place update, and XLA copies the weights for that.
-                samples = samples / one
-            return samples
-        return tf.cond(
-            now,
-            lambda: checks.keep_conditional(self._samples_of(variables)),
-            lambda: tf.zeros([len(variables), checks.SAMPLE_SIZE], self._sample_dtype),
-        )
+        one = tf.cast(tf.not_equal(step, 0), self._sample_dtype)
+        return self._samples_of(variables) / one
 
     def _weights_nonfinite(self, weights_new, samples_new, positions, any_nonfinite):
         """Per-variable "the update made finite weights NaN/Inf" flags, all entries read."""
@@ -1091,27 +1064,22 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # Non-finite gradients explain non-finite weights: that is their finding.
         return tf.logical_and(bad, tf.logical_not(any_nonfinite))
 
-    def _weights_nonfinite_seen(self, step, weights_new, samples_new, sampled_every_step,
-                                positions, any_nonfinite, state):
-        """The "warn" weights check: each sample when read, all entries every `weights_check_every`.
+    def _weights_nonfinite_seen(self, step, weights_new, samples_new, positions, any_nonfinite, state):
+        """The "warn" weights check: each sample every step, all entries every `weights_check_every`.
 
-        `samples_new` are the samples after the update, read every step if
-        `sampled_every_step`, else on measured steps only (zeros otherwise);
-        the whole-variable pass then reads its own. A NaN/Inf weight found
-        between the whole-variable passes is explained by a non-finite
-        gradient anywhere in the window since the last pass (the weights keep
-        a NaN once they have one).
+        A NaN/Inf weight found between the whole-variable passes is explained
+        by a non-finite gradient anywhere in the window since the last pass
+        (the weights keep a NaN once they have one).
         """
         every = self.weights_check_every
-        full_pass_samples = samples_new if sampled_every_step else None
         if every == 1:
-            return self._weights_nonfinite(weights_new, full_pass_samples, positions, any_nonfinite)
+            return self._weights_nonfinite(weights_new, samples_new, positions, any_nonfinite)
         n = len(self._variable_paths)
         bad_k = tf.cond(
             tf.equal(step % every, 0),
             # Kept a real conditional: as selects the sums would run every step.
             lambda: checks.keep_conditional(
-                tf.cast(checks.screened_nonfinite(weights_new, full_pass_samples), tf.float32)
+                tf.cast(checks.screened_nonfinite(weights_new, samples_new), tf.float32)
             ) > 0,
             lambda: checks.nonfinite_in_samples(samples_new),
         )

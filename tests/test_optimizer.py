@@ -607,28 +607,6 @@ def test_default_xla_step_makes_no_full_pass_beyond_the_update_and_the_sums(weig
     assert entry.count(" conditional(") == 2
 
 
-def test_weight_samples_are_read_only_on_measured_steps():
-    """With `check_every` > 1 the step checks' samples of the weights (before
-    and after the update, a few small kernels per variable) move off the
-    step's top level into conditionals taken on measured steps only; the
-    gradient's sample (the flags) stays. No copy of the weights either way."""
-    size, count = 50_000, 4
-
-    def entry(check_every):
-        variables = [tf.Variable(tf.ones([size])) for _ in range(count)]
-        opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), check_every=check_every)
-        opt.build(variables)
-        hlo = _optimized_hlo(opt, variables, [tf.ones([size])] * count)
-        assert hlo.count(f"f32[{size}]{{0}} copy(") == 0
-        return hlo[hlo.index("\nENTRY"):]
-
-    every, tenth = entry(1), entry(10)
-    # The gradients' exact check, the weights' full pass; then the
-    # measurement and the two sample reads.
-    assert every.count(" conditional(") == 2 and tenth.count(" conditional(") == 5
-    assert tenth.count(" fusion(") <= every.count(" fusion(") - 2 * count
-
-
 def test_writes_are_unmasked_after_the_step():
     model = mlp()
     x, y = classification_data()
