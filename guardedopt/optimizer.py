@@ -1643,8 +1643,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return super().load_own_variables(store)
         old_table = self._old_sample_table_index(store)
         if old_table is not None:
-            # Files of guardedopt before 0.2 held the step checks' sample table,
-            # which the step no longer keeps: the rest loads as it was.
+            # Files of earlier 0.1.0 builds held the step checks' sample
+            # table, which the step no longer keeps: the rest loads as it was.
             logging.info("guardedopt: dropping the sample table of an older %r file.", self.name)
             kept = [store[str(i)] for i in range(saved) if i != old_table]
             return super().load_own_variables({str(i): value for i, value in enumerate(kept)})
