@@ -1038,7 +1038,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         tf.cond(skip, lambda: tf.constant(False), update)
 
     def _samples_of(self, variables) -> tf.Tensor:
-        """`checks.stack_samples` of variables (or their values), in the sample table's dtype."""
+        """`checks.stack_samples` of variables (or their values), in float32 (float64 if any is)."""
         values = [
             _unwrap_value(v).read_value() if isinstance(v, (keras.Variable, tf.Variable)) else v
             for v in variables
