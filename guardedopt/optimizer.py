@@ -11,7 +11,8 @@ loops, so no copy of any weight or slot is kept. In a plain graph the update
 runs in a `cond` branch instead. Only a skip decided after the update
 (`nonfinite_weights="skip"`, "raise" of the step checks) and `tf.distribute`
 keep the pre-update values and write them back (`_restore`). The step checks
-compare a sample of each variable with the one kept from the previous step.
+compare a sample of each variable read just before the update with the same
+entries after it.
 All decisions and counters live in two packed optimizer variables; the host
 reads them at boundaries (`GuardCallback`, `check()`, `report()`, the end of
 `fit`).
