@@ -12,9 +12,13 @@ process (see `common.interleaved`):
   guard_w1        the defaults, but weights_check_every=1 (all of every weight
                   checked for NaN/Inf every step, not every 10th)
   guard_skipw     the defaults, but nonfinite_weights="skip" (exact restore of a bad update)
+  guard_warn      the defaults, but nonfinite_gradient="warn" (reported, not skipped;
+                  not in the default list)
   lso             keras.optimizers.LossScaleOptimizer(inner): one finite check + a cond
   check_numerics  the bare optimizer traced under tf.debugging.enable_check_numerics()
                   (not supported under XLA: reported, not run)
+  abl_mask, abl_sums, abl_skip
+                  ablations of the guard's step (`ablations.py`; not in the default list)
 
 A second part times each check alone (all others "ignore") at one size.
 
@@ -34,6 +38,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ablations  # noqa: E402
 import common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -100,6 +105,8 @@ def make_optimizer(variant, inner_name):
         return inner
     if variant == "lso":
         return keras.optimizers.LossScaleOptimizer(inner)
+    if variant in ablations.PARTS:
+        return ablations.make(variant, module, inner)
     options = guard_options(variant)
     if options is None:
         raise ValueError(f"unknown variant {variant!r}")

@@ -15,7 +15,11 @@ each compiled with `jit_compile=False` and `jit_compile=True`, and these variant
   guard_w1    the defaults, but weights_check_every=1 (all weights checked every
               step; not in the default list: --variants=...,guard_w1)
   guard_skipw the defaults, but nonfinite_weights="skip" (exact restore of a bad update)
+  guard_warn  the defaults, but nonfinite_gradient="warn" (reported, not skipped;
+              not in the default list)
   guard_cb    guard plus GuardCallback in fit (its per-batch host read included)
+  abl_mask, abl_sums, abl_skip
+              ablations of the guard's step (`ablations.py`; not in the default list)
 
 Time per step is the interval between consecutive `on_train_batch_begin` calls
 of a `fit(steps_per_epoch=inner + 1)` call (the whole fit loop: data, compiled
@@ -37,6 +41,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ablations  # noqa: E402
 import common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -132,6 +137,8 @@ def make_variant(model_name, variant, jit):
         callbacks.append(guardedopt.GuardCallback())
     elif variant in common.GUARD_VARIANTS:
         optimizer = guardedopt.GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant])
+    elif variant in ablations.PARTS:
+        optimizer = ablations.make(variant, guardedopt, inner)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)

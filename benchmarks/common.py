@@ -98,6 +98,9 @@ GUARD_VARIANTS = {
     "guard_ce10": dict(check_every=10),
     "guard_w1": dict(weights_check_every=1),  # all of every weight checked every step
     "guard_skipw": dict(nonfinite_weights="skip"),  # exact restore of a bad update
+    # NaN/Inf gradients reported, not skipped: no write waits for the
+    # gradient sums (ablations.py measures that wait alone)
+    "guard_warn": dict(nonfinite_gradient="warn"),
 }
 
 
