@@ -1642,7 +1642,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         expected = len(self.variables)
         if not self.built or saved in (0, expected):
             return super().load_own_variables(store)
-        old_table = self._old_sample_table_index(store)
+        old_table = self._old_sample_table_index(store) if saved == expected + 1 else None
         if old_table is not None:
             # Files of earlier 0.1.0 builds held the step checks' sample
             # table, which the step no longer keeps: the rest loads as it was.
@@ -1674,13 +1674,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         )
 
     def _old_sample_table_index(self, store) -> Optional[int]:
-        """Where an older file keeps its `[variables, 1024]` sample table, if it has one.
+        """Where a store with one variable too many keeps an older file's sample table, if there.
 
-        It followed the packed measurements among the guard's own variables.
+        The `[variables, 1024]` table followed the packed measurements among
+        the guard's own variables.
         """
-        own = self.variables
-        index = next(i for i, v in enumerate(own) if v is self._guard_measurements) + 1
-        if len(store.keys()) != len(own) + 1 or str(index) not in store:
+        index = next(i for i, v in enumerate(self.variables) if v is self._guard_measurements) + 1
+        if str(index) not in store:
             return None
         shape = tuple(np.shape(store[str(index)]))
         return index if shape == (len(self._variable_paths), checks.SAMPLE_SIZE) else None
