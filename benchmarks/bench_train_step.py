@@ -1,13 +1,7 @@
 """Train-step overhead: `model.fit` steps with GuardedOptimizer vs the bare optimizer.
 
-Three small models on fixed synthetic data (one batch, repeated):
-
-  mlp        784-512-512-10 dense network (0.67 M parameters), batch 128
-  cnn        two 3x3 convolutions + dense head on 28x28x1 (1.2 M parameters), batch 32
-  embedding  Embedding(20000, 64) -> mean -> dense (1.3 M parameters, sparse
-             `IndexedSlices` gradients for the table), batch 128, 32 tokens
-
-each compiled with `jit_compile=False` and `jit_compile=True`, and these variants:
+The three small models of `models.py` (mlp, cnn, embedding; fixed synthetic
+data, one batch repeated), each compiled with `jit_compile=False` and `jit_compile=True`, and these variants:
 
   bare        Adam
   guard       GuardedOptimizer(Adam()), all checks on (defaults), check_every=1
@@ -43,9 +37,10 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ablations  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "cnn", "embedding"], "Models.")
+flags.DEFINE_list("models", list(models.NAMES), "Models (models.py).")
 flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
 flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "guard_cb"],
                   "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
@@ -55,53 +50,6 @@ flags.DEFINE_float("block_s", 0.3, "Target duration of one fit call when --steps
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
 flags.DEFINE_bool("quick", False, "mlp under XLA only, bare/guard/guard_ce10, 3 rounds (< 1 minute).")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
-
-
-def build_model(name, seed=0):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    if name == "mlp":
-        model = keras.Sequential([
-            keras.Input((784,)),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(10),
-        ])
-        x = rng.standard_normal((128, 784), dtype=np.float32)
-        y = rng.integers(0, 10, 128)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    elif name == "cnn":
-        model = keras.Sequential([
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10),
-        ])
-        x = rng.standard_normal((32, 28, 28, 1), dtype=np.float32)
-        y = rng.integers(0, 10, 32)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    elif name == "embedding":
-        model = keras.Sequential([
-            keras.Input((32,), dtype="int32"),
-            keras.layers.Embedding(20000, 64),
-            keras.layers.GlobalAveragePooling1D(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(1),
-        ])
-        x = rng.integers(0, 20000, (128, 32)).astype(np.int32)
-        y = rng.integers(0, 2, (128, 1)).astype(np.float32)
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
-    else:
-        raise ValueError(f"unknown model {name!r}")
-    data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
-    return model, loss, data
 
 
 class StepTimer:
@@ -127,7 +75,7 @@ def make_variant(model_name, variant, jit):
     import keras
 
     variant, guardedopt = common.guard_module(variant)
-    model, loss, data = build_model(model_name)
+    model, loss, data = models.build_model(model_name)
     inner = keras.optimizers.Adam(1e-3)
     callbacks = []
     if variant == "bare":
@@ -204,9 +152,9 @@ def main(argv):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    models, modes, variants, rounds = FLAGS.models, FLAGS.modes, FLAGS.variants, FLAGS.rounds
+    model_names, modes, variants, rounds = FLAGS.models, FLAGS.modes, FLAGS.variants, FLAGS.rounds
     if FLAGS.quick:
-        models, modes, rounds, variants = ["mlp"], ["xla"], 3, ["bare", "guard", "guard_ce10"]
+        model_names, modes, rounds, variants = ["mlp"], ["xla"], 3, ["bare", "guard", "guard_ce10"]
         FLAGS.block_s = min(FLAGS.block_s, 0.15)
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
                 rounds=rounds)
@@ -215,7 +163,7 @@ def main(argv):
     started = time.perf_counter()
     all_rows, groups = [], {}
     for mode in modes:
-        for model_name in models:
+        for model_name in model_names:
             t0 = time.perf_counter()
             rows, stats = run_group(model_name, mode, variants, rounds)
             all_rows += rows

@@ -1,0 +1,60 @@
+"""The train-step benchmarks' models, on fixed synthetic data (one batch, repeated).
+
+  mlp        784-512-512-10 dense network (0.67 M parameters), batch 128
+  cnn        two 3x3 convolutions + dense head on 28x28x1 (1.2 M parameters), batch 32
+  embedding  Embedding(20000, 64) -> mean -> dense (1.3 M parameters, sparse
+             `IndexedSlices` gradients for the table), batch 128, 32 tokens
+
+Used by `bench_train_step.py` and `profile_step.py`.
+"""
+
+from __future__ import annotations
+
+NAMES = ("mlp", "cnn", "embedding")
+
+
+def build_model(name, seed=0):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        model = keras.Sequential([
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        x = rng.standard_normal((128, 784), dtype=np.float32)
+        y = rng.integers(0, 10, 128)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    elif name == "cnn":
+        model = keras.Sequential([
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ])
+        x = rng.standard_normal((32, 28, 28, 1), dtype=np.float32)
+        y = rng.integers(0, 10, 32)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    elif name == "embedding":
+        model = keras.Sequential([
+            keras.Input((32,), dtype="int32"),
+            keras.layers.Embedding(20000, 64),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(1),
+        ])
+        x = rng.integers(0, 20000, (128, 32)).astype(np.int32)
+        y = rng.integers(0, 2, (128, 1)).astype(np.float32)
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
+    return model, loss, data
