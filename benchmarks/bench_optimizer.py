@@ -61,7 +61,8 @@ flags.DEFINE_float("block_ms", 40.0, "Target time of one timed block (sets the s
 flags.DEFINE_integer("max_inner", 50, "At most this many steps per timed block.")
 flags.DEFINE_float("group_budget_s", 30.0, "Stop a configuration's rounds after this long (>= 3 rounds).")
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
-flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no each-check-alone part.")
+flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no each-check-alone part, "
+                  "and unless --variants is given only bare, guard, guard_ce10, lso, check_numerics.")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/optimizer<tag>.*).")
 flags.DEFINE_integer("seed", 0, "Random seed of weights and gradients.")
 
@@ -210,6 +211,9 @@ def main(argv):
     if FLAGS.quick:
         sizes, nvars_list, inners, rounds = [10_000, 1_000_000], [1], ["adam"], 3
         FLAGS.checks_alone = False
+        if not FLAGS["variants"].present:
+            # The bars' variants only: each variant's compile is most of the minute.
+            variants = [v for v in variants if v in ("bare", "guard", "guard_ce10", "lso", "check_numerics")]
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
                 rounds=rounds, block_ms=FLAGS.block_ms)
     print(f"machine: {meta['machine'].get('Model name')} ({meta['machine'].get('CPU(s)')} CPUs), "
