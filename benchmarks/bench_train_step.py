@@ -1,7 +1,8 @@
 """Train-step overhead: `model.fit` steps with GuardedOptimizer vs the bare optimizer.
 
 The three small models of `models.py` (mlp, cnn, embedding; fixed synthetic
-data, one batch repeated), each compiled with `jit_compile=False` and `jit_compile=True`, and these variants:
+data, one batch repeated), each compiled with `jit_compile=False` and
+`jit_compile=True`, and these variants:
 
   bare        Adam
   guard       GuardedOptimizer(Adam()), all checks on (defaults), check_every=1
