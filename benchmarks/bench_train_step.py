@@ -36,7 +36,6 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ablations  # noqa: E402
 import common  # noqa: E402
 import models  # noqa: E402
 
@@ -75,21 +74,15 @@ class StepTimer:
 def make_variant(model_name, variant, jit):
     import keras
 
-    variant, guardedopt = common.guard_module(variant)
+    kind, guardedopt = common.guard_module(variant)
     model, loss, data = models.build_model(model_name)
     inner = keras.optimizers.Adam(1e-3)
     callbacks = []
-    if variant == "bare":
-        optimizer = inner
-    elif variant == "guard_cb":
+    if kind == "guard_cb":
         optimizer = guardedopt.GuardedOptimizer(inner)
         callbacks.append(guardedopt.GuardCallback())
-    elif variant in common.GUARD_VARIANTS:
-        optimizer = guardedopt.GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant])
-    elif variant in ablations.PARTS:
-        optimizer = ablations.make(variant, guardedopt, inner)
     else:
-        raise ValueError(f"unknown variant {variant!r}")
+        optimizer = common.guarded_optimizer(variant, inner)
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
     return model, data, callbacks
 

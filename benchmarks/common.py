@@ -117,6 +117,30 @@ def guard_module(variant: str):
     return kind, importlib.import_module(module or "guardedopt")
 
 
+def guarded_optimizer(variant: str, inner):
+    """The optimizer of a variant: `inner` itself ("bare"), or a guard around it.
+
+    Args:
+        variant: "bare", a key of `GUARD_VARIANTS` or an ablation of
+            `ablations.PARTS`, optionally naming its package (`guard@module`).
+        inner: The inner Keras optimizer.
+
+    Raises:
+        ValueError: `variant` is none of these.
+    """
+    import ablations
+
+    kind, module = guard_module(variant)
+    if kind == "bare":
+        return inner
+    if kind in ablations.PARTS:
+        return ablations.make(kind, module, inner)
+    if kind in GUARD_VARIANTS:
+        return module.GuardedOptimizer(inner, **GUARD_VARIANTS[kind])
+    raise ValueError(f"`variant` must be bare, one of {sorted(GUARD_VARIANTS)} or "
+                     f"{ablations.PARTS}. Received: variant={variant!r}")
+
+
 # --------------------------------------------------------------------- timing
 def _sync(value) -> None:
     """Waits for a step's result (a tensor, a structure of tensors or None)."""

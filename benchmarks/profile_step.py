@@ -31,6 +31,7 @@ CPU time over wall time (about 1: one thread busy at a time).
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import os
 import re
@@ -38,20 +39,18 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ablations  # noqa: E402
 import common  # noqa: E402
 import models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "mlp", models.NAMES, "A model of models.py.")
 flags.DEFINE_list("variants", ["bare", "guard", "guard_warn", "abl_skip"],
-                  "bare, a guard variant of common.GUARD_VARIANTS or an ablation.")
+                  "bare, a guard variant of common.GUARD_VARIANTS or an ablation; the first is the baseline.")
 flags.DEFINE_integer("steps", 300, "Profiled steps per variant.", lower_bound=10)
 flags.DEFINE_integer("profile_rounds", 3, "Interleaved profiler sessions the steps are split into.",
                      lower_bound=1)
@@ -64,28 +63,15 @@ CLASSES = ("model", "update", "guard", "other")
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"')
 
 
-def make_optimizer(variant):
-    import keras
-
-    variant, guardedopt = common.guard_module(variant)
-    inner = keras.optimizers.Adam(1e-3)
-    if variant == "bare":
-        return inner, inner
-    if variant in ablations.PARTS:
-        return ablations.make(variant, guardedopt, inner), inner
-    if variant in common.GUARD_VARIANTS:
-        return guardedopt.GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant]), inner
-    raise ValueError(f"`variants` must name bare, {sorted(common.GUARD_VARIANTS)} or "
-                     f"{ablations.PARTS}. Received: {variant!r}")
-
-
 def build_step(model_name, variant):
     """The compiled step, its inputs, and the optimizer's and inner optimizer's names."""
+    import keras
     import tensorflow as tf
 
     model, loss_fn, data = models.build_model(model_name)
     x, y = next(iter(data))
-    optimizer, inner = make_optimizer(variant)
+    inner = keras.optimizers.Adam(1e-3)
+    optimizer = common.guarded_optimizer(variant, inner)
     optimizer.build(model.trainable_variables)
 
     @tf.function(jit_compile=True)
@@ -176,7 +162,9 @@ def kernel_row(model_name, variant, kernels, prepared, steps):
     classes, instructions = prepared["classes"], prepared["instructions"]
     by_class, by_thread, by_name, count = collections.Counter(), collections.Counter(), collections.Counter(), 0
     for name, thread, us in kernels:
-        # Kernels of conditional branches are not in the entry computation.
+        # Host events (TFE_*, ThunkExecutor::Execute, "end: ...") name no
+        # instruction; kernels of conditional branches are not in the entry
+        # computation but carry a TF op name.
         if name not in instructions and name not in classes:
             continue
         count += 1
@@ -191,30 +179,6 @@ def kernel_row(model_name, variant, kernels, prepared, steps):
                 guard_top=guard_top[: FLAGS.top])
 
 
-def interleaved_wall_ms(built, rounds, calls=40):
-    """Median ms per unprofiled step of each variant, timed A B C … C B A …, and CPU / wall.
-
-    CPU / wall near 1 means one thread busy at a time; near 2, both.
-    """
-    wall = {v: [] for v in built}
-    cpu = {v: [] for v in built}
-    names = list(built)
-    for r in range(rounds):
-        for v in (names if r % 2 == 0 else names[::-1]):
-            step, args = built[v]
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for _ in range(calls):
-                out = step(*args)
-            float(out)
-            wall[v].append((time.perf_counter() - started) / calls * 1e3)
-            cpu[v].append((time.process_time() - cpu_started) / calls * 1e3)
-    base = wall[names[0]]
-    return {v: dict(median_ms=statistics.median(t),
-                    ratio_median=statistics.median(a / b for a, b in zip(t, base)),
-                    cpu_per_wall=statistics.median(c / w for c, w in zip(cpu[v], t)))
-            for v, t in wall.items()}
-
-
 def main(argv):
     del argv
     common.quiet_tensorflow()
@@ -227,10 +191,14 @@ def main(argv):
     kernels = interleaved_profiles(prepared, steps, FLAGS.profile_rounds)
     rows = [kernel_row(FLAGS.model, v, kernels[v], prepared[v], steps) for v in FLAGS.variants]
     if FLAGS.rounds:
-        built = {v: (p["step"], p["args"]) for v, p in prepared.items()}
-        for row, wall in zip(rows, interleaved_wall_ms(built, FLAGS.rounds).values()):
+        timed = common.interleaved(
+            {v: functools.partial(p["step"], *p["args"]) for v, p in prepared.items()},
+            baseline=FLAGS.variants[0], rounds=FLAGS.rounds, inner=40, warmup=0)
+        for row in rows:
+            wall = timed[row["variant"]]
             row.update(wall_ms=round(wall["median_ms"], 3), wall_ratio=round(wall["ratio_median"], 3),
-                       cpu_per_wall=round(wall["cpu_per_wall"], 2))
+                       cpu_per_wall=round(statistics.median(
+                           c / w for c, w in zip(wall["cpu_ms"], wall["wall_ms"])), 2))
     headers = ["variant", "kernels/step", "kernel µs", "model", "update", "guard", "other",
                "caller", "pool", "wall ms", f"wall / {rows[0]['variant']}", "cpu / wall"]
     table = [[r["variant"], r["kernels_per_step"], r["kernel_us"], r["model_us"], r["update_us"],
