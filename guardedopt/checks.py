@@ -5,10 +5,11 @@ ops (no `tf.print`, `py_function`, `Assert` or host reads), and is tested alone
 in `tests/test_checks.py`. `GuardedOptimizer` composes them inside its step.
 
 Cost model (XLA:CPU in TF 2.21, measured; README "Performance"). A plain
-`reduce_sum`/`reduce_max` of an array runs as one fast library call; a
-reduction of a computed value (`|x|`, `x*x`, `is_finite(x)`) first writes that
-value to a full-size temporary. So the checks of a large variable read it with
-plain sums only, and answer the rest from a fixed sample of `SAMPLE_SIZE`
+sum of an array runs as one library call (fastest as a matrix-vector product
+with ones: `propagating_sum`); a reduction of a computed value (`|x|`, `x*x`,
+`is_finite(x)`) first writes that value to a full-size temporary. So the
+checks of a large variable read it with plain sums only, and answer the rest
+from a fixed sample of `SAMPLE_SIZE`
 entries (`sample_positions`); the exact, slower form runs in a conditional
 that is taken only when the cheap screen cannot decide
 (`screened_largest_magnitudes`), kept a real conditional by
@@ -117,6 +118,46 @@ def keep_conditional(value):
     return tf.cast(rows[0], value.dtype)
 
 
+# Longest row of the matrix that `propagating_sum` multiplies by ones.
+_SUM_ROW_LENGTH = 10_000
+# Below this row length (a size with no larger divisor, e.g. a prime) the
+# product has nothing to gain over `reduce_sum`.
+_SUM_MIN_ROW_LENGTH = 32
+
+
+def propagating_sum(tensor) -> tf.Tensor:
+    """The sum of all entries of a float tensor: non-finite when any entry is.
+
+    NaN and Inf propagate through every product by 1 and every addition, so
+    a finite result proves every entry finite. Computed as `reshape(x, [r,
+    k]) @ ones(k)` (a bitcast, no copy) for float32/float64 tensors of static
+    size: XLA:CPU runs that dot on the intra-op thread pool near memory
+    bandwidth, and its `reduce` does not. Measured in `/tmp` scripts (XLA,
+    median of 15 interleaved rounds, 2-core Xeon): 10^7 floats in one tensor
+    4.7 ms as a reduce, 1.7 ms as this product with TF's threads (3.3 ms
+    with one thread); 10^4 floats in each of 100 tensors 0.79x; 10^5-10^6
+    the same as a reduce. Other dtypes, sizes unknown at trace time and sizes
+    with no divisor in `[_SUM_MIN_ROW_LENGTH, _SUM_ROW_LENGTH]` use `reduce_sum`.
+    """
+    values = gradient_values(tensor)
+    n = _static_size(values)
+    k = _sum_row_length(n) if values.dtype in (tf.float32, tf.float64) else 0
+    if k < _SUM_MIN_ROW_LENGTH:
+        return tf.reduce_sum(values)
+    rows = tf.reshape(values, [n // k, k])
+    return tf.reduce_sum(tf.linalg.matvec(rows, tf.ones([k], values.dtype)))
+
+
+def _sum_row_length(n) -> int:
+    """The largest divisor of `n` up to `min(_SUM_ROW_LENGTH, n // 8)`: at least 8 rows."""
+    if not n:
+        return 0
+    k = min(_SUM_ROW_LENGTH, n // 8)
+    while k > 1 and n % k:
+        k -= 1
+    return k
+
+
 def _static_size(values):
     return values.shape.num_elements()
 
@@ -152,8 +193,8 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
     when it is all zero (the two questions of the gradient flags). Tensors of
     at most `SAMPLE_SIZE` entries are answered exactly from their row of one
     sample matrix. For a larger tensor the sample proves "not all zero" (a
-    non-zero entry) or "non-finite" (a NaN/Inf entry), and a finite plain sum
-    proves "finite" (NaN and Inf propagate through addition). Only when some
+    non-zero entry) or "non-finite" (a NaN/Inf entry), and a finite
+    `propagating_sum` proves "finite". Only when some
     large tensor is left undecided (a non-finite sum of values that all look
     finite in the sample, e.g. finite values whose sum overflows; or an
     all-zero sample) does the exact single-pass check run, for the large
@@ -174,7 +215,7 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
         return answers
     undecided = []
     for i in large:
-        total = tf.reduce_sum(values[i])
+        total = propagating_sum(values[i])
         finite_unproven = tf.logical_and(
             tf.logical_not(tf.math.is_finite(total)), tf.logical_not(tf.math.is_inf(answers[i]))
         )
@@ -253,7 +294,7 @@ def screened_nonfinite(tensors: Sequence, samples=None) -> tf.Tensor:
     if not large:
         return in_sample
     all_finite = tf.reduce_all(
-        tf.stack([tf.math.is_finite(tf.reduce_sum(tensors[i])) for i in large])
+        tf.stack([tf.math.is_finite(propagating_sum(tensors[i])) for i in large])
     )
 
     dtype = _common_dtype(tensors)  # one dtype for both branches

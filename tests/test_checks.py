@@ -215,6 +215,63 @@ def test_screened_checks_of_mixed_dtypes_trace():
     )
 
 
+# ------------------------------------------------------------ propagating sums
+# 50,000 = 8 rows of 6,250 and 300x40 = 8 rows of 1,500 take the matrix-vector
+# product; 1,031 (a prime) and float16 take `reduce_sum`.
+@pytest.mark.parametrize("shape", [[50_000], [300, 40], [1031], [8, 10_000]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_propagating_sum_is_the_sum(shape, dtype):
+    values = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    expected = values.astype(np.float64).sum()
+    # Eager and XLA add in different orders: each is checked against the exact
+    # sum, to the dtype's rounding over the sum of magnitudes.
+    tolerance = np.finfo(dtype).eps * 16 * np.abs(values).sum()
+    for fn in (checks.propagating_sum, tf.function(checks.propagating_sum, jit_compile=True)):
+        total = fn(tf.constant(values))
+        assert total.dtype == dtype
+        np.testing.assert_allclose(total.numpy(), expected, rtol=0, atol=tolerance)
+
+
+def test_propagating_sum_takes_the_product_only_where_it_divides_the_size():
+    def dots(values):
+        hlo = tf.function(checks.propagating_sum, jit_compile=True).experimental_get_compiler_ir(values)(
+            stage="optimized_hlo"
+        )
+        return hlo.count(" dot(")
+
+    assert checks._sum_row_length(50_000) == 6_250
+    assert checks._sum_row_length(10**7) == checks._SUM_ROW_LENGTH
+    assert dots(tf.ones([50_000])) == 1
+    assert dots(tf.ones([300, 40])) == 1
+    assert dots(tf.ones([1031])) == 0  # no divisor: reduce_sum
+    assert dots(tf.ones([50_000], tf.float16)) == 0
+    for n in (1025, 10_000, 401_408, 10**6 + 1):
+        k = checks._sum_row_length(n)
+        assert n % k == 0 and n // k >= 8, (n, k)
+
+
+@pytest.mark.parametrize("at", [0, 31_337, 49_999])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_propagating_sum_is_nonfinite_when_any_entry_is(at, bad):
+    values = np.ones(50_000, np.float32)
+    values[at] = bad
+    assert not np.isfinite(_both(checks.propagating_sum, tf.constant(values)))
+    both = np.ones([300, 40], np.float64)
+    both[0, 0], both[-1, -1] = np.inf, -np.inf
+    assert np.isnan(_both(checks.propagating_sum, tf.constant(both)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_screened_flags_find_a_nonfinite_entry_of_a_product_summed_tensor(bad):
+    values = np.full(50_000, 0.5, np.float32)
+    values[31_337] = bad  # outside the sample
+    assert 31_337 not in checks.sample_positions(50_000)
+    flags = _flags(tf.constant(values), tf.constant([1.0, 2.0]))
+    np.testing.assert_array_equal(flags, [[True, False], [False, False]])
+    weights = _both(lambda a: checks.screened_nonfinite([a]), tf.constant(values))
+    np.testing.assert_array_equal(weights, [True])
+
+
 def test_exact_branch_answers_each_tensor_in_turn():
     """The exact branch runs tensor after tensor; an answer (Inf, 0) must not leak into the next."""
     def run(a, b, c, d):
