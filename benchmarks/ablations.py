@@ -6,9 +6,10 @@ names, `abl_skip@guardedopt_candidate`) whose step keeps only:
 
   abl_mask  the inner update with its writes masked by a flag read from the
             guard's state: the cost of masking alone (no check).
-  abl_sums  one plain sum per gradient, recorded in the state, with the
-            update masked by the state flag as in abl_mask: the sums'
-            own cost, without making the update wait for them.
+  abl_sums  one plain sum per gradient (`checks.propagating_sum`),
+            recorded in the state, with the update masked by the state
+            flag as in abl_mask: the sums' own cost, without making the
+            update wait for them.
   abl_skip  the exact NaN/Inf skip alone: the same sums, with the update
             masked by their verdict. Every exact skip of a whole step pays
             this: no write may start before every gradient has been read.
@@ -38,6 +39,8 @@ def _ablation_class(module):
 
     assign_all = module.optimizer._assign_all
     gradient_values = module.checks.gradient_values  # IndexedSlices: the rows they carry
+    # The library's own sum (a dot with ones); a package from before it: reduce_sum.
+    propagating_sum = getattr(module.checks, "propagating_sum", tf.reduce_sum)
 
     class AblatedGuard(module.GuardedOptimizer):
         def __init__(self, inner, _ablation_part, **options):
@@ -51,7 +54,7 @@ def _ablation_class(module):
             skip = state["pending_raise"] > 0  # never true here: nothing raises
             if self._ablation_part != "abl_mask":
                 finite = tf.reduce_all(
-                    tf.stack([tf.math.is_finite(tf.reduce_sum(gradient_values(g))) for g in grads])
+                    tf.stack([tf.math.is_finite(propagating_sum(gradient_values(g))) for g in grads])
                 )
                 nonfinite = tf.logical_not(finite)
                 changes["skipped_steps_total"] = state["skipped_steps_total"] + tf.cast(

@@ -131,13 +131,14 @@ def propagating_sum(tensor) -> tf.Tensor:
     NaN and Inf propagate through every product by 1 and every addition, so
     a finite result proves every entry finite. Computed as `reshape(x, [r,
     k]) @ ones(k)` (a bitcast, no copy) for float32/float64 tensors of static
-    size: XLA:CPU runs that dot on the intra-op thread pool near memory
-    bandwidth, and its `reduce` does not. Measured in `/tmp` scripts (XLA,
-    median of 15 interleaved rounds, 2-core Xeon): 10^7 floats in one tensor
-    4.7 ms as a reduce, 1.7 ms as this product with TF's threads (3.3 ms
-    with one thread); 10^4 floats in each of 100 tensors 0.79x; 10^5-10^6
-    the same as a reduce. Other dtypes, sizes unknown at trace time and sizes
-    with no divisor in `[_SUM_MIN_ROW_LENGTH, _SUM_ROW_LENGTH]` use `reduce_sum`.
+    size: XLA:CPU runs that dot on the intra-op thread pool at about the rate
+    of the update's own loops, and its `reduce` of one large array runs
+    slower. Measured in `/tmp` scripts (XLA, median of 15 interleaved rounds,
+    2-core Xeon): 10^7 floats in one tensor 4.7 ms as a reduce, 1.7 ms as
+    this product with TF's threads (4.8 and 3.3 ms with one thread); 10^4
+    floats in each of 100 tensors about 0.8x; 10^5-10^6 about the same as a
+    reduce. Other dtypes, sizes unknown at trace time and sizes with no
+    divisor in `[_SUM_MIN_ROW_LENGTH, _SUM_ROW_LENGTH]` use `reduce_sum`.
     """
     values = gradient_values(tensor)
     n = _static_size(values)
