@@ -256,6 +256,9 @@ def test_propagating_sum_is_nonfinite_when_any_entry_is(at, bad):
     values = np.ones(50_000, np.float32)
     values[at] = bad
     assert not np.isfinite(_both(checks.propagating_sum, tf.constant(values)))
+
+
+def test_propagating_sum_of_opposite_infinities_is_nan():
     both = np.ones([300, 40], np.float64)
     both[0, 0], both[-1, -1] = np.inf, -np.inf
     assert np.isnan(_both(checks.propagating_sum, tf.constant(both)))
