@@ -12,7 +12,7 @@ checks of a large variable read it with plain sums only, and answer the rest
 from a fixed sample of `SAMPLE_SIZE`
 entries (`sample_positions`); the exact, slower form runs in a conditional
 that is taken only when the cheap screen cannot decide
-(`screened_largest_magnitudes`), kept a real conditional by
+(`screened_magnitudes`), kept a real conditional by
 `keep_conditional`.
 """
 
@@ -187,18 +187,19 @@ def stack_samples(tensors: Sequence, dtype, size: int = SAMPLE_SIZE) -> tf.Tenso
     return tf.stack(rows) if rows else tf.zeros([0, size], dtype)
 
 
-def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
-    """`largest_magnitude` of each tensor, exact, mostly from plain sums and samples.
+def screened_magnitudes(tensors: Sequence) -> tf.Tensor:
+    """A magnitude per tensor that answers the gradient flags exactly.
 
-    The answer is +Inf exactly when a tensor holds a NaN/Inf and 0 exactly
-    when it is all zero (the two questions of the gradient flags). Tensors of
-    at most `SAMPLE_SIZE` entries are answered exactly from their row of one
-    sample matrix. For a larger tensor the sample proves "not all zero" (a
-    non-zero entry) or "non-finite" (a NaN/Inf entry), and a finite
-    `propagating_sum` proves "finite". Only when some
-    large tensor is left undecided (a non-finite sum of values that all look
-    finite in the sample, e.g. finite values whose sum overflows; or an
-    all-zero sample) does the exact single-pass check run, for the large
+    The answer is +Inf exactly when a tensor holds a NaN/Inf, 0 exactly when
+    it is all zero, and otherwise finite and positive. Tensors of at most
+    `SAMPLE_SIZE` entries are answered from their row of one sample matrix
+    (all of the tensor): their largest magnitude. A larger tensor is
+    answered by its `propagating_sum` alone: a finite, non-zero sum proves
+    it finite and not all zero, and the answer is then |sum|. No sample of
+    it is read, so the skip decision waits only for the sums. Only when some
+    large tensor's sum is non-finite or exactly 0 (a NaN/Inf; finite values
+    whose sum overflows; an all-zero gradient; entries that cancel) does the
+    exact single-pass check (`largest_magnitude`) run, for the large
     tensors, in one conditional taken only then. Tensors of unknown size
     (and empty ones) are checked one by one.
 
@@ -209,27 +210,23 @@ def screened_largest_magnitudes(tensors: Sequence) -> tf.Tensor:
     values = [gradient_values(t) for t in tensors]
     dtype = _common_dtype(values)
     if not all(_static_size(v) for v in values):
-        return _one_by_one_unless_sized(values, screened_largest_magnitudes, _exact_largest, dtype)
-    answers = largest_magnitude(stack_samples(values, dtype), axis=1)
+        return _one_by_one_unless_sized(values, screened_magnitudes, _exact_largest, dtype)
+    small = [i for i, v in enumerate(values) if _static_size(v) <= SAMPLE_SIZE]
     large = [i for i, v in enumerate(values) if _static_size(v) > SAMPLE_SIZE]
-    if not large:
-        return answers
-    undecided = []
-    for i in large:
-        total = propagating_sum(values[i])
-        finite_unproven = tf.logical_and(
-            tf.logical_not(tf.math.is_finite(total)), tf.logical_not(tf.math.is_inf(answers[i]))
-        )
-        undecided.append(tf.logical_or(finite_unproven, tf.equal(answers[i], 0)))
-
+    if small:
+        small_answers = largest_magnitude(stack_samples([values[i] for i in small], dtype), axis=1)
+        if not large:
+            return small_answers
+    totals = tf.stack([tf.cast(propagating_sum(values[i]), dtype) for i in large])
+    decided = tf.logical_and(tf.math.is_finite(totals), tf.not_equal(totals, 0))
     large_answers = tf.cond(
-        tf.reduce_any(tf.stack(undecided)),
+        tf.reduce_all(decided),
+        lambda: tf.abs(totals),
         lambda: _exact_largest_kept([values[i] for i in large], dtype),
-        lambda: tf.gather(answers, large),
     )
-    if len(large) == len(values):
+    if not small:
         return large_answers
-    return place(large_answers, large, answers)
+    return place(large_answers, large, place(small_answers, small, tf.zeros([len(values)], dtype)))
 
 
 def _exact_largest(values, dtype):
@@ -271,8 +268,8 @@ def _one_by_one_unless_sized(values, batched, single, dtype):
 
 
 def screened_nonfinite_and_zero(tensors: Sequence):
-    """`(is_nonfinite, is_all_zero)` vectors, from `screened_largest_magnitudes`."""
-    largest = screened_largest_magnitudes(tensors)
+    """`(is_nonfinite, is_all_zero)` vectors, from `screened_magnitudes`."""
+    largest = screened_magnitudes(tensors)
     # +Inf, not -Inf: that is an empty tensor (finite, and not "all zero").
     infinity = tf.constant(float("inf"), largest.dtype)
     return tf.equal(largest, infinity), tf.equal(largest, tf.zeros([], largest.dtype))

@@ -169,6 +169,27 @@ def test_screened_flags_are_exact_for_zero_gradients():
     assert not flags[0].any()
 
 
+def test_screened_flags_of_a_large_tensor_whose_sum_is_exactly_zero():
+    """A finite sum of 0 proves nothing: the exact check decides (not all zero)."""
+    cancelling = _large(0.0, at=[UNSAMPLED, UNSAMPLED + 1], value=[2.0, -2.0])
+    assert float(checks.propagating_sum(cancelling)) == 0.0
+    np.testing.assert_array_equal(_flags(cancelling, _large(0.0)), [[False, False], [False, True]])
+
+
+def test_screened_flags_read_no_sample_of_a_large_tensor():
+    """The skip decision waits only for a large gradient's sum: the only
+    slices in the flags' HLO are the small tensor's sample row."""
+    def run(a, b):
+        nonfinite, zero = checks.screened_nonfinite_and_zero([a, b])
+        return tf.stack([nonfinite, zero])
+
+    hlo = tf.function(run, jit_compile=True).experimental_get_compiler_ir(
+        _large(), tf.constant([1.0, 2.0])
+    )(stage="hlo")
+    entry = hlo[hlo.index("\nENTRY"):]
+    assert " slice(" not in entry
+
+
 @pytest.mark.parametrize("dtype", [np.float32, tf.bfloat16.as_numpy_dtype, np.float16])
 def test_screened_flags_do_not_skip_finite_values_whose_sum_overflows(dtype):
     huge = float(tf.as_dtype(dtype).max)
