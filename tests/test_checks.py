@@ -177,8 +177,9 @@ def test_screened_flags_of_a_large_tensor_whose_sum_is_exactly_zero():
 
 
 def test_screened_flags_read_no_sample_of_a_large_tensor():
-    """The skip decision waits only for a large gradient's sum: the only
-    slices in the flags' HLO are the small tensor's sample row."""
+    """The skip decision waits only for a large gradient's sum: the flags'
+    HLO slices nothing (the small tensor's row is padded, the large tensor
+    only summed; before, its sample was sliced out of it)."""
     def run(a, b):
         nonfinite, zero = checks.screened_nonfinite_and_zero([a, b])
         return tf.stack([nonfinite, zero])
