@@ -226,7 +226,9 @@ def screened_magnitudes(tensors: Sequence) -> tf.Tensor:
     )
     if not small:
         return large_answers
-    return place(large_answers, large, place(small_answers, small, tf.zeros([len(values)], dtype)))
+    # One gather puts every answer in its tensor's row (`small + large` lists each row once).
+    answers = tf.concat([small_answers, large_answers], axis=0)
+    return place(answers, small + large, tf.zeros([len(values)], dtype))
 
 
 def _exact_largest(values, dtype):
