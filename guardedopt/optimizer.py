@@ -1084,7 +1084,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             tf.equal(step % every, 0),
             # Kept a real conditional: as selects the sums would run every step.
             lambda: checks.keep_conditional(
-                tf.cast(checks.screened_nonfinite(weights_new, samples_new), tf.float32)
+                tf.cast(checks.nonfinite_by_products(weights_new, samples_new), tf.float32)
             ) > 0,
             lambda: checks.nonfinite_in_samples(samples_new),
         )

@@ -223,6 +223,39 @@ def test_screened_nonfinite_weights():
     assert not _both(run, _large(), _large(-2.0), tf.constant([1.0])).any()
 
 
+def _product_sized(fill=1.0, at=None, value=None, dtype=np.float32):
+    """50,000 entries (8 rows of 6,250 for the product); entry 31,337 is outside the sample."""
+    values = np.full(50_000, fill, dtype)
+    if at is not None:
+        values[at] = value
+    return tf.constant(values)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_by_products_is_exact_without_a_conditional(bad):
+    """NaN/Inf outside the sample is found, finite values whose sum overflows
+    are not flagged, and sizes the product does not take (LARGE has no
+    divisor of 32 or more) and float16 go through the screened path; all
+    eagerly and under XLA."""
+    assert 31_337 not in checks.sample_positions(50_000) and checks._sum_row_length(LARGE) < 32
+    tensors = (
+        _product_sized(at=31_337, value=bad), _product_sized(3e38), _large(at=UNSAMPLED, value=bad),
+        _product_sized(at=31_337, value=bad, dtype=np.float16), tf.constant([1.0, 2.0]), _large(-2.0),
+    )
+    expected = [True, False, True, True, False, False]
+    run = lambda *t: checks.nonfinite_by_products(list(t))  # noqa: E731
+    np.testing.assert_array_equal(_both(run, *tensors), expected)
+    np.testing.assert_array_equal(_both(lambda *t: checks.screened_nonfinite(list(t)), *tensors), expected)
+    assert not _both(run, _product_sized(), _product_sized(0.0), _large(), tf.constant([1.0])).any()
+    # Tensors that the product takes: no conditional, one dot each (XLA did
+    # not fold the product with zeros).
+    taken = (tensors[0], tensors[1], tensors[4])
+    hlo = tf.function(run, jit_compile=True).experimental_get_compiler_ir(*taken)(stage="optimized_hlo")
+    assert hlo.count(" conditional(") == 0 and hlo.count(" dot(") == 2
+    with pytest.raises(ValueError, match="`tensor` must be float32/float64"):
+        checks.nonfinite_by_product(tensors[2])
+
+
 def test_screened_checks_of_mixed_dtypes_trace():
     """A large float32 tensor next to a small float64 one (both branches of the
     rare conditional must have one dtype)."""
