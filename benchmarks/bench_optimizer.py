@@ -305,6 +305,16 @@ def report(rows, variants, alone_groups, meta):
     text += "\n" + common.print_table(
         ["mode", "inner", "params", "vars", "bare cpu ms"] + [f"{v} cpu ratio" for v in variants if v != "bare"],
         cpu_rows, "same, process CPU time")
+    first_rows = []
+    for (part, mode, inner, size, nvars), vs in by.items():
+        if part != "matrix":
+            continue
+        bare = vs["bare"]["compile_s"]
+        first_rows.append([mode, inner, f"{size:.0e}", nvars, f"{bare:.2f}"] + [
+            common.fmt_first_call(vs[v]["compile_s"] if v in vs else None, bare) for v in variants if v != "bare"])
+    text += "\n" + common.print_table(
+        ["mode", "inner", "params", "vars", "bare s"] + [f"{v} s (/ bare)" for v in variants if v != "bare"],
+        first_rows, "first call of the step: trace and compile (seconds, once per variant; not interleaved)")
     if alone_groups:
         alone_rows = []
         for label, stats in alone_groups.items():

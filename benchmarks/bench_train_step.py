@@ -40,7 +40,7 @@ import common  # noqa: E402
 import models  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", list(models.NAMES), "Models (models.py).")
+flags.DEFINE_list("models", list(models.NAMES), "Models (models.py; also: " + ", ".join(models.OPTIONAL_NAMES) + ").")
 flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
 flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "guard_cb"],
                   "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
@@ -190,6 +190,7 @@ def report(rows, variants):
         cells += [f"{vs[v]['cpu_ratio_median']:.3f}" if v in vs else "-" for v in variants if v != "bare"]
         table.append(cells)
     text = common.print_table(headers, table, "fit step time relative to bare Adam (wall, median of per-round ratios [IQR])")
+    text += "\n" + first_call_table(by, variants)
     lines = []
     for (model, mode), vs in by.items():
         if mode != "xla" or model not in ("mlp", "cnn"):
@@ -205,6 +206,20 @@ def report(rows, variants):
         print("\n".join(lines))
         text += "\n\n### Bar (train step, XLA)\n\n" + "\n".join("- " + x for x in lines)
     return text
+
+
+def first_call_table(by, variants):
+    """Seconds of each variant's first fit call (build, trace, compile, 2 steps), and / bare."""
+    table = []
+    for (model, mode), vs in by.items():
+        bare = vs["bare"]["compile_s"]
+        cells = [model, mode, f"{bare:.1f}"]
+        cells += [common.fmt_first_call(vs[v]["compile_s"] if v in vs else None, bare)
+                  for v in variants if v != "bare"]
+        table.append(cells)
+    return common.print_table(
+        ["model", "mode", "bare s"] + [f"{v} s (/ bare)" for v in variants if v != "bare"], table,
+        "first fit call: build, trace, compile and 2 steps (seconds, once per variant; not interleaved)")
 
 
 if __name__ == "__main__":

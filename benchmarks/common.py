@@ -305,6 +305,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title:
     return text
 
 
+def fmt_first_call(seconds, bare_seconds) -> str:
+    """`"12.3 (4.56x)"`: a first call's seconds and their ratio to the bare variant's."""
+    if seconds is None or not bare_seconds:
+        return "-"
+    return f"{seconds:.1f} ({seconds / bare_seconds:.2f}x)"
+
+
 def save_text(text: str, stem: str) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, stem + ".md")

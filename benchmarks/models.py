@@ -4,6 +4,11 @@
   cnn        two 3x3 convolutions + dense head on 28x28x1 (1.2 M parameters), batch 32
   embedding  Embedding(20000, 64) -> mean -> dense (1.3 M parameters, sparse
              `IndexedSlices` gradients for the table), batch 128, 32 tokens
+  resnet50   keras.applications.ResNet50(weights=None) on 32x32x3, 10 classes
+             (23.6 M parameters in 214 trainable variables: 53 convolutions
+             with biases, 53 BatchNorm scale/offset pairs, the dense head),
+             batch 8: as many variables as real models have; not in the
+             default list (its XLA compile takes about half a minute)
 
 Used by `bench_train_step.py` and `profile_step.py`.
 """
@@ -11,6 +16,8 @@ Used by `bench_train_step.py` and `profile_step.py`.
 from __future__ import annotations
 
 NAMES = ("mlp", "cnn", "embedding")
+# Built on request only (`--models=resnet50`).
+OPTIONAL_NAMES = ("resnet50",)
 
 
 def build_model(name, seed=0):
@@ -54,6 +61,12 @@ def build_model(name, seed=0):
         x = rng.integers(0, 20000, (128, 32)).astype(np.int32)
         y = rng.integers(0, 2, (128, 1)).astype(np.float32)
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    elif name == "resnet50":
+        # weights=None: random initialisation, nothing is downloaded.
+        model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+        x = rng.standard_normal((8, 32, 32, 3), dtype=np.float32)
+        y = rng.integers(0, 10, 8)
+        loss = keras.losses.SparseCategoricalCrossentropy()
     else:
         raise ValueError(f"unknown model {name!r}")
     data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
