@@ -314,7 +314,7 @@ def report(rows, variants, alone_groups, meta):
             common.fmt_first_call(vs[v]["compile_s"] if v in vs else None, bare) for v in variants if v != "bare"])
     text += "\n" + common.print_table(
         ["mode", "inner", "params", "vars", "bare s"] + [f"{v} s (/ bare)" for v in variants if v != "bare"],
-        first_rows, "first call of the step: trace and compile (seconds, once per variant; not interleaved)")
+        first_rows, "first call of the step: trace and compile (seconds, once per variant; not interleaved; one measurement each, so drift in the machine lands on single variants: bench_startup.py repeats fresh processes)")
     if alone_groups:
         alone_rows = []
         for label, stats in alone_groups.items():

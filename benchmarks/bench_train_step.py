@@ -71,22 +71,6 @@ class StepTimer:
         return _Timer()
 
 
-def make_variant(model_name, variant, jit):
-    import keras
-
-    kind, guardedopt = common.guard_module(variant)
-    model, loss, data = models.build_model(model_name)
-    inner = keras.optimizers.Adam(1e-3)
-    callbacks = []
-    if kind == "guard_cb":
-        optimizer = guardedopt.GuardedOptimizer(inner)
-        callbacks.append(guardedopt.GuardCallback())
-    else:
-        optimizer = common.guarded_optimizer(variant, inner)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
-    return model, data, callbacks
-
-
 def fit_block(model, data, callbacks, steps):
     """One fit call of steps+1 batches; per-step wall and CPU ms (median over batches)."""
     import numpy as np
@@ -106,7 +90,7 @@ def run_group(model_name, mode, variants, rounds):
     compile_s = {}
     for variant in variants:
         t0 = time.perf_counter()
-        model, data, callbacks = make_variant(model_name, variant, jit)
+        model, data, callbacks = models.compiled_variant(model_name, variant, jit)
         fit_block(model, data, callbacks, 2)  # trace, compile, warm up
         compile_s[variant] = time.perf_counter() - t0
         built[variant] = (model, data, callbacks)
@@ -219,7 +203,7 @@ def first_call_table(by, variants):
         table.append(cells)
     return common.print_table(
         ["model", "mode", "bare s"] + [f"{v} s (/ bare)" for v in variants if v != "bare"], table,
-        "first fit call: build, trace, compile and 2 steps (seconds, once per variant; not interleaved)")
+        "first fit call: build, trace, compile and 2 steps (seconds, once per variant; not interleaved; one measurement each, so drift in the machine lands on single variants: bench_startup.py repeats fresh processes)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
              batch 8: as many variables as real models have; not in the
              default list (its XLA compile takes about half a minute)
 
-Used by `bench_train_step.py` and `profile_step.py`.
+Used by `bench_train_step.py`, `bench_startup.py` and `profile_step.py`.
 """
 
 from __future__ import annotations
@@ -71,3 +71,26 @@ def build_model(name, seed=0):
         raise ValueError(f"unknown model {name!r}")
     data = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
     return model, loss, data
+
+
+def compiled_variant(name, variant, jit):
+    """`(model, data, callbacks)`: model `name` compiled with the variant's optimizer.
+
+    `variant` as in `common.guarded_optimizer`, or `guard_cb`: the guard plus
+    a `GuardCallback` to pass to `fit`. The inner optimizer is Adam(1e-3).
+    """
+    import keras
+
+    import common
+
+    kind, guardedopt = common.guard_module(variant)
+    model, loss, data = build_model(name)
+    inner = keras.optimizers.Adam(1e-3)
+    callbacks = []
+    if kind == "guard_cb":
+        optimizer = guardedopt.GuardedOptimizer(inner)
+        callbacks.append(guardedopt.GuardCallback())
+    else:
+        optimizer = common.guarded_optimizer(variant, inner)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
+    return model, data, callbacks
