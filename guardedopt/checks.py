@@ -318,7 +318,8 @@ def nonfinite_by_products(tensors: Sequence, samples=None) -> tf.Tensor:
     """`screened_nonfinite` with each large tensor read by `nonfinite_by_product`.
 
     Also exact, and without the conditional and its exact pass per tensor:
-    XLA compiles about three fewer kernels per large tensor. The guard uses it
+    about seven fewer computations per large tensor in XLA's optimized HLO
+    (`apply` of Adam at 10^6 in 100 variables: 2,668 -> 1,966). The guard uses it
     where the tensors already enter a conditional (the weights check of every
     `weights_check_every`-th step). Where they do not (the check of every step
     before a restore), XLA, no longer made to write the updated weights once
