@@ -144,8 +144,13 @@ def propagating_sum(tensor) -> tf.Tensor:
     k = _product_row_length(values)
     if not k:
         return tf.reduce_sum(values)
-    rows = tf.reshape(values, [-1, k])
-    return tf.reduce_sum(tf.linalg.matvec(rows, tf.ones([k], values.dtype)))
+    return _sum_of_row_products(values, tf.ones([k], values.dtype))
+
+
+def _sum_of_row_products(values, vector):
+    """`sum(reshape(values, [-1, k]) @ vector)` for a `vector` of length `k`: one dot, in place."""
+    rows = tf.reshape(values, [-1, vector.shape[0]])
+    return tf.reduce_sum(tf.linalg.matvec(rows, vector))
 
 
 def _product_row_length(values) -> int:
@@ -171,8 +176,7 @@ def nonfinite_by_product(tensor) -> tf.Tensor:
     k = _product_row_length(values)
     if not k:
         raise ValueError(f"`tensor` must be float32/float64 with a size the product takes. Received: {values!r}")
-    rows = tf.reshape(values, [-1, k])
-    return tf.math.is_nan(tf.reduce_sum(tf.linalg.matvec(rows, tf.zeros([k], values.dtype))))
+    return tf.math.is_nan(_sum_of_row_products(values, tf.zeros([k], values.dtype)))
 
 
 def _sum_row_length(n) -> int:
