@@ -72,11 +72,10 @@ def run_worker(model_name, mode, variant):
     return json.loads(lines[-1])
 
 
-def summarize(results, variants):
+def summarize(results, model_names, modes, variants):
     """Rows of medians per (model, mode, variant), with ratios to bare's medians."""
     rows = []
-    keys = sorted({(r["model"], r["mode"]) for r in results}, key=lambda k: (FLAGS.models.index(k[0]), k[1]))
-    for model_name, mode in keys:
+    for model_name, mode in ((m, mode) for m in model_names for mode in modes):
         medians = {}
         for variant in variants:
             runs = [r for r in results if (r["model"], r["mode"], r["variant"]) == (model_name, mode, variant)]
@@ -126,7 +125,6 @@ def main(argv):
     model_names, modes, variants, reps = FLAGS.models, FLAGS.modes, FLAGS.variants, FLAGS.reps
     if FLAGS.quick:
         model_names, modes, variants, reps = ["mlp"], ["xla"], ["bare", "guard"], 1
-        FLAGS.models = model_names
     meta = dict(machine=common.machine_info(), threads=FLAGS.threads, argv=sys.argv, quick=FLAGS.quick, reps=reps)
     started = time.perf_counter()
     results = []
@@ -139,7 +137,7 @@ def main(argv):
                     results.append(r)
                     print(f"  rep {rep} {model_name:10s} {mode:5s} {variant:12s} first {r['first_wall_s']:6.1f} s "
                           f"(cpu {r['first_cpu_s']:6.1f})  second {r['second_wall_s'] * 1e3:7.1f} ms", flush=True)
-    rows = summarize(results, variants)
+    rows = summarize(results, model_names, modes, variants)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     stem = "startup" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
     paths = common.write_rows(rows, stem, meta)
