@@ -499,6 +499,52 @@ def test_end_of_fit_summary_and_rate_limited_repeats(caplog):
     assert not caplog.records
 
 
+
+def _logged(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_check_logs_a_new_finding_at_once_and_a_persistent_one_at_its_interval(caplog):
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-10), patience=2, log_interval_seconds=3600.0)
+    poison = Poison(on=False)
+    step = _nan_step(model, opt, "graph", poison)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(6):  # the tiny-step finding persists on every step
+            step()
+            opt.check()
+        assert len(_logged(caplog, "[tiny_step] The effective step")) == 1
+        assert not _logged(caplog, "still happening")
+        poison.assign(True)  # a new finding, well within the hour since the last one
+        step()
+        opt.check()
+        assert len(_logged(caplog, "[nonfinite_gradient]")) == 1
+        poison.assign(False)
+        opt.log_interval_seconds = 0.0  # a repeat is now due at every new count
+        step()
+        opt.check()
+    assert len(_logged(caplog, "[tiny_step] The effective step")) == 1
+    count = opt.report().by_code(F.TINY_STEP)[0].count
+    assert _logged(caplog, "still happening") == [
+        f"guardedopt: [tiny_step] still happening for {', '.join(v.path for v in model.trainable_variables)} "
+        f"({count} steps so far)."
+    ]
+
+
+def test_history_is_bounded_and_keeps_its_span(monkeypatch):
+    monkeypatch.setattr(guardedopt.optimizer, "_HISTORY_POINTS", 8)
+    variable = keras.Variable(np.ones(4, "float32"))
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.1))
+    for _ in range(30):
+        opt.apply([tf.ones(4)], [variable])
+        opt.check()
+    steps = opt.report().stats["history"]["step"]
+    assert 4 <= len(steps) <= 8
+    assert steps[0] == 1 and steps[-1] == 30
+    assert np.all(np.diff(steps) > 0)
+    assert opt.report().stats["history"]["step_ratio"].shape == (len(steps), 1)
+
+
 # ------------------------------------------- large variables: sampled screens
 def _wide_model():
     """A kernel of 40 x 300 = 12000 entries: far above checks.SAMPLE_SIZE."""
