@@ -52,36 +52,6 @@ flags.DEFINE_bool("quick", False, "mlp under XLA only, bare/guard/guard_ce10, 3 
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
 
 
-class StepTimer:
-    """Keras callback: intervals between consecutive batch begins (seconds)."""
-
-    def __new__(cls):
-        import keras
-
-        class _Timer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.marks = []
-                self.cpu = []
-
-            def on_train_batch_begin(self, batch, logs=None):
-                self.marks.append(time.perf_counter())
-                self.cpu.append(time.process_time())
-
-        return _Timer()
-
-
-def fit_block(model, data, callbacks, steps):
-    """One fit call of steps+1 batches; per-step wall and CPU ms (median over batches)."""
-    import numpy as np
-
-    timer = StepTimer()
-    model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer] + callbacks)
-    wall = np.diff(timer.marks) * 1e3
-    cpu = np.diff(timer.cpu) * 1e3
-    return float(np.median(wall)), float(np.median(cpu))
-
-
 def run_group(model_name, mode, variants, rounds):
     import numpy as np
 
@@ -91,13 +61,13 @@ def run_group(model_name, mode, variants, rounds):
     for variant in variants:
         t0 = time.perf_counter()
         model, data, callbacks = models.compiled_variant(model_name, variant, jit)
-        fit_block(model, data, callbacks, 2)  # trace, compile, warm up
+        common.fit_block(model, data, callbacks, 2)  # trace, compile, warm up
         compile_s[variant] = time.perf_counter() - t0
         built[variant] = (model, data, callbacks)
     if FLAGS.steps > 0:
         steps = FLAGS.steps
     else:
-        slowest = max(fit_block(*built[v], 3)[0] for v in variants)
+        slowest = max(common.fit_block(*built[v], 3)[0] for v in variants)
         steps = int(max(3, min(50, round(FLAGS.block_s * 1e3 / max(slowest, 1e-3)))))
     wall = {v: [] for v in variants}
     cpu = {v: [] for v in variants}
@@ -106,7 +76,7 @@ def run_group(model_name, mode, variants, rounds):
         if r % 2:
             order = order[::-1]
         for v in order:
-            w, c = fit_block(*built[v], steps)
+            w, c = common.fit_block(*built[v], steps)
             wall[v].append(w)
             cpu[v].append(c)
     stats = common.summarize(wall, cpu, "bare")

@@ -368,3 +368,31 @@ def ratio_chart(groups: Dict[str, Dict[str, Dict[str, object]]], path: str, titl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class StepTimer:
+    """Keras callback: intervals between consecutive batch begins (seconds)."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.marks = []
+                self.cpu = []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self.marks.append(time.perf_counter())
+                self.cpu.append(time.process_time())
+
+        return _Timer()
+
+
+def fit_block(model, data, callbacks, steps):
+    """One fit call of steps+1 batches; per-step wall and CPU ms (median over batches)."""
+    timer = StepTimer()
+    model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer] + callbacks)
+    wall = np.diff(timer.marks) * 1e3
+    cpu = np.diff(timer.cpu) * 1e3
+    return float(np.median(wall)), float(np.median(cpu))

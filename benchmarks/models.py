@@ -73,11 +73,12 @@ def build_model(name, seed=0):
     return model, loss, data
 
 
-def compiled_variant(name, variant, jit):
+def compiled_variant(name, variant, jit, learning_rate=1e-3):
     """`(model, data, callbacks)`: model `name` compiled with the variant's optimizer.
 
     `variant` as in `common.guarded_optimizer`, or `guard_cb`: the guard plus
-    a `GuardCallback` to pass to `fit`. The inner optimizer is Adam(1e-3).
+    a `GuardCallback` to pass to `fit`. The inner optimizer is
+    Adam(learning_rate).
     """
     import keras
 
@@ -85,7 +86,7 @@ def compiled_variant(name, variant, jit):
 
     kind, guardedopt = common.guard_module(variant)
     model, loss, data = build_model(name)
-    inner = keras.optimizers.Adam(1e-3)
+    inner = keras.optimizers.Adam(learning_rate)
     callbacks = []
     if kind == "guard_cb":
         optimizer = guardedopt.GuardedOptimizer(inner)

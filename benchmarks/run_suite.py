@@ -28,8 +28,9 @@ flags.DEFINE_bool("quick", False, "Quick versions of every benchmark.")
 flags.DEFINE_string("tag", "", "Suffix of the result files.")
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads.")
 flags.DEFINE_list("only", ["optimizer", "optimizer_tf_threads", "train_step", "memory"],
-                  "Benchmarks to run (also: startup, the first fit call in fresh processes; not in the "
-                  "default list, it adds about 2 minutes for the three small models).")
+                  "Benchmarks to run (also, not in the default list: startup, the first fit call in fresh "
+                  "processes, about 2 minutes for the three small models; long_fit, GuardCallback over "
+                  "5,000 steps, about 5 minutes).")
 
 # name: (script, result-file suffix, arguments). `optimizer_tf_threads`
 # repeats the optimizer-only XLA Adam matrix with TensorFlow's default thread
@@ -45,6 +46,7 @@ PARTS = dict(
     train_step=("bench_train_step.py", "", []),
     memory=("bench_memory.py", "", []),
     startup=("bench_startup.py", "", ["--threads=0"]),  # what users start with
+    long_fit=("bench_long_fit.py", "", []),
 )
 
 
