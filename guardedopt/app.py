@@ -238,14 +238,13 @@ def make_train_step(model, optimizer, loss_fn, fault: str, jit_compile: bool):
 def _host_boundary(optimizer) -> Callable[[], None]:
     """What `GuardCallback` does after each batch of `fit`, for a custom loop.
 
-    One read of the guard state per batch (the per-batch history behind the
-    plot) and `check()`, which raises `GuardError` for "raise" policies.
+    `check()` reads the guard state once (a point of the history behind the
+    plot), logs new findings and raises `GuardError` for "raise" policies.
     """
     guard = guard_callback.find_guard(optimizer)
 
     def after_batch() -> None:
         if guard is not None and guard.built:
-            guard._read_state()  # pylint: disable=protected-access
             guard.check()
 
     return after_batch
