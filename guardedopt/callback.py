@@ -6,6 +6,8 @@ findings (once, then rate-limited) and adds the guard's figures to `logs`, so
 they show in Keras' progress bar. A read is one op per packed state vector,
 and a persistent finding is not rebuilt every batch (`GuardedOptimizer.check`),
 so the per-batch cost stays flat over a long run (`benchmarks/bench_long_fit.py`).
+With `compile(steps_per_execution=N)` Keras calls it once per N batches; the
+checks inside the step run on every step regardless.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import glob
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -45,3 +46,28 @@ def test_finds_guard_inside_loss_scale_optimizer_and_rejects_bare():
         model.fit(x, y, verbose=0, callbacks=[guardedopt.GuardCallback()])
     with pytest.raises(ValueError, match="`summary_every` must be an integer >= 1"):
         guardedopt.GuardCallback(summary_every=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_steps_per_execution_reads_once_per_execution_and_checks_every_step(jit_compile):
+    x, y = classification_data(64)
+    x[:16, 0] = np.nan  # the first batch of every epoch is poisoned
+    model = mlp()
+    opt = guardedopt.GuardedOptimizer("adam")
+    model.compile(optimizer=opt, loss=LOSS, jit_compile=jit_compile, steps_per_execution=2)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((batch, logs["guard_skipped"]))
+
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
+              callbacks=[guardedopt.GuardCallback(), Record()])
+    # Keras calls the callbacks once per execution of 2 batches (the last batch
+    # index of each); the guard still checked every one of the 12 steps.
+    assert seen == [(1, 1), (3, 1), (1, 2), (3, 2), (1, 3), (3, 3)]
+    report = opt.report()
+    assert (report.steps, report.skipped_steps) == (12, 3)
+    assert int(opt.inner_optimizer.iterations.numpy()) == 9
+    assert report.codes == ["nonfinite_gradient"]
+    assert all(np.isfinite(w).all() for w in model.get_weights())
