@@ -54,16 +54,10 @@ flags.DEFINE_string("worker", "", "Internal: run the XLA-dump worker with this J
 def _optimizer(variant):
     import keras
 
-    from guardedopt import GuardedOptimizer
-
     inner = keras.optimizers.Adam(1e-3)
-    if variant == "bare":
-        return inner
     if variant == "lso":
         return keras.optimizers.LossScaleOptimizer(inner)
-    if variant in common.GUARD_VARIANTS:
-        return GuardedOptimizer(inner, **common.GUARD_VARIANTS[variant])
-    raise ValueError(variant)
+    return common.guarded_optimizer(variant, inner)
 
 
 def _parameters(size, nvars):

@@ -38,7 +38,6 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ablations  # noqa: E402
 import common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -70,14 +69,12 @@ CHECKS = ("zero_gradient", "nonfinite_gradient", "nonfinite_weights", "tiny_step
 ALL_IGNORE = {c: "ignore" for c in CHECKS}
 
 
-def guard_options(variant):
-    """Options of a guard variant, or None if `variant` is not a guard."""
-    if variant in common.GUARD_VARIANTS:
-        return dict(common.GUARD_VARIANTS[variant])
-    if variant == "guard_off":
+def check_alone_options(kind):
+    """Options of the each-check-alone variants (guard_off, only_<check>), or None."""
+    if kind == "guard_off":
         return dict(ALL_IGNORE, none_gradient="ignore")
-    if variant.startswith("only_"):
-        check = variant[len("only_"):]
+    if kind.startswith("only_"):
+        check = kind[len("only_"):]
         options = dict(ALL_IGNORE, none_gradient="ignore")
         options[check] = "warn"
         return options
@@ -99,19 +96,16 @@ def make_inner(name):
 def make_optimizer(variant, inner_name):
     import keras
 
-    variant, module = common.guard_module(variant)
-    GuardedOptimizer = module.GuardedOptimizer  # noqa: N806
     inner = make_inner(inner_name)
-    if variant in ("bare", "check_numerics"):
-        return inner
-    if variant == "lso":
+    kind, module = common.guard_module(variant)
+    if kind == "check_numerics":
+        return inner  # the bare optimizer, traced under enable_check_numerics
+    if kind == "lso":
         return keras.optimizers.LossScaleOptimizer(inner)
-    if variant in ablations.PARTS:
-        return ablations.make(variant, module, inner)
-    options = guard_options(variant)
-    if options is None:
-        raise ValueError(f"unknown variant {variant!r}")
-    return GuardedOptimizer(inner, **options)
+    options = check_alone_options(kind)
+    if options is not None:
+        return module.GuardedOptimizer(inner, **options)
+    return common.guarded_optimizer(variant, inner)
 
 
 def make_parameters(size, nvars, seed):
