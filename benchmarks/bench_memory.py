@@ -8,7 +8,8 @@ variables:
    variables only, not with their size.
 2. XLA transient memory: `XLA_FLAGS=--xla_dump_to=...` buffer assignment of the
    compiled `apply` step (a subprocess, so the flag takes effect). From the
-   `*memory-usage-report.txt` of each module: the "preallocated-temp"
+   `*memory-usage-report.txt` of each module (the worker compiles while part 3
+   runs here: neither is timed, and peak RSS is per process): the "preallocated-temp"
    allocation, i.e. the scratch memory the step needs beyond its parameters
    (variables, slots, gradients) and outputs (aliased to the variables). We
    report it in bytes and in "copies of the parameters" (temp / 4·params).
@@ -28,6 +29,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,17 +151,30 @@ def parse_reports(dump_dir):
     return out
 
 
-def part_xla(configs):
-    with tempfile.TemporaryDirectory(prefix="guardedopt_hlo_") as dump:
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
-        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(dict(configs=configs))]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            raise RuntimeError("XLA dump worker failed")
-        reports = parse_reports(dump)
+def start_part_xla(configs):
+    """Starts the XLA-dump worker on `configs` and returns at once: (process, dump dir, log file).
+
+    The worker compiles with one thread, so `main` runs part 3 meanwhile:
+    neither part is timed, and each process's peak RSS is its own.
+    """
+    dump = tempfile.mkdtemp(prefix="guardedopt_hlo_")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(dict(configs=configs))]
+    # A file, not a pipe: nobody reads a pipe while part 3 runs, and a full one would stall the worker.
+    log = tempfile.TemporaryFile(mode="w+")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), dump, log
+
+
+def finish_part_xla(started, configs):
+    """Waits for the worker of `start_part_xla` and returns part 2's rows."""
+    proc, dump, log = started
+    if proc.wait() != 0:
+        log.seek(0)
+        print(log.read()[-6000:], file=sys.stderr)
+        raise RuntimeError("XLA dump worker failed")
+    reports = parse_reports(dump)
     rows = []
     for size, nvars, variant in configs:
         r = reports.get(f"memstep_{variant}_{size}_{nvars}", {})
@@ -168,6 +183,16 @@ def part_xla(configs):
                          total_bytes=r.get("total_bytes"), temp_bytes=temp,
                          temp_param_copies=None if temp is None else round(temp / (4 * size), 3)))
     return rows
+
+
+def stop_part_xla(started):
+    """Kills the worker of `start_part_xla` if it still runs (main failed first); removes its files."""
+    proc, dump, log = started
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+    shutil.rmtree(dump, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ part 3
@@ -222,6 +247,23 @@ def main(argv):
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick)
     started = time.perf_counter()
 
+    configs = [(s, 1, v) for s in sizes for v in variants]
+    configs += [(FLAGS.nvars_size, n, v) for n in nvars_list if n != 1 for v in variants]
+    worker_started = start_part_xla(configs)
+    try:
+        rows, text, xla_rows = _measure(worker_started, configs, sizes, nvars_list, variants, rss_size)
+    finally:
+        stop_part_xla(worker_started)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    stem = "memory" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
+    paths = common.write_rows(rows, stem, meta)
+    paths["md"] = common.save_text(text, stem)
+    paths["png"] = chart(xla_rows, os.path.join(common.RESULTS_DIR, stem + ".png"))
+    print(f"\nwrote {', '.join(p for p in paths.values() if p)}  ({meta['elapsed_s']} s)")
+
+
+def _measure(worker_started, configs, sizes, nvars_list, variants, rss_size):
+    """Parts 1 and 3 here while part 2's worker compiles; returns (rows, Markdown text, part 2's rows)."""
     rows = part_state(nvars_list, [FLAGS.nvars_size])
     text = common.print_table(
         ["params", "vars", "guard variables", "guard state bytes", "bytes / variable", "inner slot bytes"],
@@ -235,31 +277,22 @@ def main(argv):
         "1b. guard state vs parameter count (1 variable)")
     rows += small
 
-    configs = [(s, 1, v) for s in sizes for v in variants]
-    configs += [(FLAGS.nvars_size, n, v) for n in nvars_list if n != 1 for v in variants]
-    xla_rows = part_xla(configs)
-    rows += xla_rows
+    rss_rows = part_rss(rss_size, [1, 100] if not FLAGS.quick else [1], variants) if rss_size else []
+    xla_rows = finish_part_xla(worker_started, configs)
+    rows += xla_rows + rss_rows
     text += "\n" + common.print_table(
         ["params", "vars", "variant", "XLA temp bytes", "temp / param bytes", "total bytes"],
         [[f"{r['size']:.0e}", r["nvars"], r["variant"], f"{r['temp_bytes']:,}" if r["temp_bytes"] is not None else "-",
           r["temp_param_copies"], f"{r['total_bytes']:,}" if r["total_bytes"] else "-"] for r in xla_rows],
         "2. XLA transient memory of one apply() step (buffer assignment, preallocated temp)")
-
-    if rss_size:
-        rss_rows = part_rss(rss_size, [1, 100] if not FLAGS.quick else [1], variants)
-        rows += rss_rows
+    if rss_rows:
         text += "\n" + common.print_table(
             ["mode", "params", "vars", "variant", "peak RSS increase during steps", "/ param bytes"],
             [[r["mode"], f"{r['size']:.0e}", r["nvars"], r["variant"],
               f"{r['transient_bytes'] / 2**20:.1f} MiB" if r["transient_bytes"] is not None else "-",
               r["transient_param_copies"]] for r in rss_rows],
             "3. peak RSS increase over 5 steps (after warm-up)")
-    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
-    stem = "memory" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
-    paths = common.write_rows(rows, stem, meta)
-    paths["md"] = common.save_text(text, stem)
-    paths["png"] = chart(xla_rows, os.path.join(common.RESULTS_DIR, stem + ".png"))
-    print(f"\nwrote {', '.join(p for p in paths.values() if p)}  ({meta['elapsed_s']} s)")
+    return rows, text, xla_rows
 
 
 def chart(xla_rows, path):
