@@ -62,19 +62,6 @@ def _optimizer(variant):
     return common.guarded_optimizer(variant, inner)
 
 
-def _parameters(size, nvars):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    per = [size // nvars] * nvars
-    per[-1] += size - sum(per)
-    variables = [keras.Variable(rng.standard_normal(n, dtype=np.float32) * 0.1) for n in per]
-    grads = [tf.constant(rng.standard_normal(n, dtype=np.float32) * 1e-3) for n in per]
-    return variables, grads
-
-
 def guard_state_bytes(optimizer):
     """(count, bytes) of the guard's own variables (excluding the inner optimizer's)."""
     import numpy as np
@@ -101,7 +88,7 @@ def part_state(nvars_list, sizes):
     rows = []
     for size in sizes:
         for nvars in nvars_list:
-            variables, _ = _parameters(size, nvars) if size <= 1_000_000 else _parameters(size, nvars)
+            variables, _ = common.random_parameters(size, nvars)
             opt = _optimizer("guard")
             opt.build(variables)
             count, nbytes = guard_state_bytes(opt)
@@ -123,7 +110,7 @@ def worker(spec):
     common.quiet_tensorflow()
     common.configure_threads(1)
     for size, nvars, variant in spec["configs"]:
-        variables, grads = _parameters(size, nvars)
+        variables, grads = common.random_parameters(size, nvars)
         opt = _optimizer(variant)
         opt.build(variables)
         name = f"memstep_{variant}_{size}_{nvars}"
@@ -206,7 +193,7 @@ def part_rss(size, nvars_list, variants):
     for mode in ("graph", "xla"):
         for nvars in nvars_list:
             for variant in variants:
-                variables, grads = _parameters(size, nvars)
+                variables, grads = common.random_parameters(size, nvars)
                 opt = _optimizer(variant)
                 opt.build(variables)
 

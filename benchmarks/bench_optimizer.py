@@ -108,21 +108,6 @@ def make_optimizer(variant, inner_name):
     return common.guarded_optimizer(variant, inner)
 
 
-def make_parameters(size, nvars, seed):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    per = [size // nvars] * nvars
-    per[-1] += size - sum(per)
-    variables, grads = [], []
-    for i, n in enumerate(per):
-        variables.append(keras.Variable(rng.standard_normal(n, dtype=np.float32) * 0.1, name=f"w{i}"))
-        grads.append(tf.constant(rng.standard_normal(n, dtype=np.float32) * 1e-3))
-    return variables, grads
-
-
 def build_step(variant, inner_name, variables, grads, jit):
     """Returns (step callable, compile seconds, status, error)."""
     import tensorflow as tf
@@ -168,7 +153,7 @@ def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
     import keras
 
     jit = mode == "xla"
-    variables, grads = make_parameters(size, nvars, FLAGS.seed)
+    variables, grads = common.random_parameters(size, nvars, FLAGS.seed)
     steps, rows = {}, []
     for variant in variants:
         fn, compile_s, status, error = build_step(variant, inner_name, variables, grads, jit)

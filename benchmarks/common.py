@@ -142,6 +142,25 @@ def guarded_optimizer(variant: str, inner):
 
 
 # --------------------------------------------------------------------- timing
+def random_parameters(size: int, nvars: int, seed: int = 0):
+    """`(variables, gradients)`: `size` float32 weights split into `nvars` variables, and fixed gradients.
+
+    The last variable takes the remainder. Weights are N(0, 0.1^2), gradients
+    N(0, 1e-6), both from `numpy.random.default_rng(seed)`.
+    """
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    per = [size // nvars] * nvars
+    per[-1] += size - sum(per)
+    variables, grads = [], []
+    for i, n in enumerate(per):
+        variables.append(keras.Variable(rng.standard_normal(n, dtype=np.float32) * 0.1, name=f"w{i}"))
+        grads.append(tf.constant(rng.standard_normal(n, dtype=np.float32) * 1e-3))
+    return variables, grads
+
+
 def _sync(value) -> None:
     """Waits for a step's result (a tensor, a structure of tensors or None)."""
     if value is None:
