@@ -25,6 +25,11 @@ class Poison:
         self.factor.assign(np.float32("nan") if on else np.float32(1.0))
 
 
+def _logged(caplog, text):
+    """The messages logged so far that contain `text`."""
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
 def _nan_step(model, optimizer, mode, poison):
     """A step whose gradient is NaN while `poison` is on."""
 
@@ -133,7 +138,7 @@ def test_callback_puts_skips_in_logs_and_logs_once(caplog):
     assert np.isnan(history.history["loss"][-1])
     assert all(np.isfinite(w).all() for w in model.get_weights())
     assert np.isfinite(model.evaluate(x[16:], y[16:], verbose=0))
-    nan_logs = [r for r in caplog.records if "[nonfinite_gradient]" in r.getMessage()]
+    nan_logs = _logged(caplog, "[nonfinite_gradient]")
     assert len(nan_logs) == 1, [r.getMessage() for r in caplog.records]
 
 
@@ -145,7 +150,7 @@ def test_none_gradients_warn_once_and_all_none_raises(caplog):
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             opt.apply(grads, model.trainable_variables + [unused])
-    warnings = [r.getMessage() for r in caplog.records if "none_gradient" in r.getMessage()]
+    warnings = _logged(caplog, "none_gradient")
     assert len(warnings) == 1 and "unused" in warnings[0]
     assert opt.report().by_code(F.NONE_GRADIENT)[0].variables == ("unused",)
     with pytest.raises(ValueError, match="No gradient for any of the 1 variables"):
@@ -488,22 +493,17 @@ def test_end_of_fit_summary_and_rate_limited_repeats(caplog):
     model.compile(optimizer=opt, loss=LOSS)
     with caplog.at_level(logging.WARNING):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-        summary = [r.getMessage() for r in caplog.records if "guardedopt summary" in r.getMessage()]
+        summary = _logged(caplog, "guardedopt summary")
         assert len(summary) == 1
         assert "after 4 steps (1 skipped)" in summary[0] and "nonfinite_gradient" in summary[0]
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    repeats = [r.getMessage() for r in caplog.records if "still happening" in r.getMessage()]
+    repeats = _logged(caplog, "still happening")
     assert repeats and "(2 steps so far)" in repeats[-1]
     quiet = guardedopt.GuardedOptimizer("adam")  # default: at most once a minute
     quiet._log_once(opt.report().findings[0], count=1)
     caplog.clear()
     quiet._log_once(opt.report().findings[0], count=5)
     assert not caplog.records
-
-
-
-def _logged(caplog, text):
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 def test_check_logs_a_new_finding_at_once_and_a_persistent_one_at_its_interval(caplog):
