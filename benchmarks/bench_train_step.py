@@ -20,15 +20,24 @@ Time per step is the interval between consecutive `on_train_batch_begin` calls
 of a `fit(steps_per_epoch=inner + 1)` call (the whole fit loop: data, compiled
 step, callbacks), median over the batches of one call. Variants are timed
 interleaved, one `fit` call per variant per round (see `common.interleaved`).
+With `--instances=N` each variant is built N times (N models, N optimizers,
+N compiled steps), every instance is timed in every round, and a variant's
+time in a round is the geometric mean of its instances': two identical bare
+steps in one process can differ by about 3% for the whole run (README "Run
+16"), which more rounds do not average away and more instances do. The
+first-call table gives each variant's first instance.
 
     python benchmarks/bench_train_step.py
     python benchmarks/bench_train_step.py --quick
+    python benchmarks/bench_train_step.py --models=mlp,cnn --modes=xla --instances=3 \
+        --variants=bare,guard,guard_ce10 --rounds=21
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -47,45 +56,61 @@ flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "gu
 flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant per round).")
 flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
 flags.DEFINE_float("block_s", 0.3, "Target duration of one fit call when --steps=0.")
+flags.DEFINE_integer("instances", 1,
+                     "Models built per variant, all timed interleaved; a variant's time in a round is the "
+                     "geometric mean of its instances' (two identical steps in one process can differ by "
+                     "about 3% for the whole run: README \"Run 16\").", lower_bound=1)
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
 flags.DEFINE_bool("quick", False, "mlp under XLA only, bare/guard/guard_ce10, 3 rounds (< 1 minute).")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
+
+
+def instance_key(variant, index):
+    """The name instance `index` of a variant is timed under: `guard`, `guard#2`, ..."""
+    return variant if index == 0 else f"{variant}#{index + 1}"
 
 
 def run_group(model_name, mode, variants, rounds):
     import numpy as np
 
     jit = mode == "xla"
+    keys = {v: [instance_key(v, i) for i in range(FLAGS.instances)] for v in variants}
+    everything = [k for v in variants for k in keys[v]]
     built = {}
     compile_s = {}
-    for variant in variants:
+    for key in everything:
         t0 = time.perf_counter()
-        model, data, callbacks = models.compiled_variant(model_name, variant, jit)
+        model, data, callbacks = models.compiled_variant(model_name, key.partition("#")[0], jit)
         common.fit_block(model, data, callbacks, 2)  # trace, compile, warm up
-        compile_s[variant] = time.perf_counter() - t0
-        built[variant] = (model, data, callbacks)
+        compile_s[key] = time.perf_counter() - t0
+        built[key] = (model, data, callbacks)
     if FLAGS.steps > 0:
         steps = FLAGS.steps
     else:
-        slowest = max(common.fit_block(*built[v], 3)[0] for v in variants)
+        slowest = max(common.fit_block(*built[k], 3)[0] for k in everything)
         steps = int(max(3, min(50, round(FLAGS.block_s * 1e3 / max(slowest, 1e-3)))))
-    wall = {v: [] for v in variants}
-    cpu = {v: [] for v in variants}
+    wall = {k: [] for k in everything}
+    cpu = {k: [] for k in everything}
     for r in range(rounds):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        order = everything[r % len(everything):] + everything[: r % len(everything)]
         if r % 2:
             order = order[::-1]
-        for v in order:
-            w, c = common.fit_block(*built[v], steps)
-            wall[v].append(w)
-            cpu[v].append(c)
-    stats = common.summarize(wall, cpu, "bare")
+        for k in order:
+            w, c = common.fit_block(*built[k], steps)
+            wall[k].append(w)
+            cpu[k].append(c)
+
+    def per_variant(times):
+        return {v: np.exp(np.mean(np.log([times[k] for k in keys[v]]), axis=0)).tolist() for v in variants}
+
+    stats = common.summarize(per_variant(wall), per_variant(cpu), "bare")
     rows = []
     for v in variants:
         model = built[v][0]
         params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
         row = dict(model=model_name, mode=mode, variant=v, params=params, steps_per_block=steps,
-                   compile_s=round(compile_s[v], 2))
+                   compile_s=round(compile_s[v], 2), instances=FLAGS.instances,
+                   instance_median_ms=[float(np.median(wall[k])) for k in keys[v]])
         row.update(stats[v])
         rows.append(row)
     del built
@@ -119,6 +144,9 @@ def main(argv):
             print(f"  {model_name:10s} {mode:5s} bare {stats['bare']['median_ms']:8.3f} ms/step  " + "  ".join(
                 f"{v} {common.fmt_ratio(stats[v])}" for v in variants if v != "bare")
                 + f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+            if FLAGS.instances > 1:
+                print("    instance medians (ms): " + "  ".join(
+                    f"{r['variant']} " + "/".join(f"{t:.2f}" for t in r["instance_median_ms"]) for r in rows))
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     stem = "train_step" + (FLAGS.tag or ("_quick" if FLAGS.quick else ""))
     paths = common.write_rows(all_rows, stem, meta)
@@ -149,17 +177,22 @@ def report(rows, variants):
     for (model, mode), vs in by.items():
         if mode != "xla" or model not in ("mlp", "cnn"):
             continue
-        g, g10 = vs.get("guard"), vs.get("guard_ce10")
-        if g:
-            over = (g["ratio_median"] - 1) * 100
-            lines.append(f"{model} xla check_every=1: {over:+.1f}% (bar <= 3%: {'met' if over <= 3 else 'NOT met'})")
-        if g10:
-            over = (g10["ratio_median"] - 1) * 100
-            lines.append(f"{model} xla check_every=10: {over:+.1f}% (bar <= 1%: {'met' if over <= 1 else 'NOT met'})")
+        for variant, label, bar in (("guard", "check_every=1", 3), ("guard_ce10", "check_every=10", 1)):
+            if variant in vs:
+                lines.append(f"{model} xla {label}: {overhead_verdict(vs[variant]['ratio'], bar)}")
     if lines:
         print("\n".join(lines))
         text += "\n\n### Bar (train step, XLA)\n\n" + "\n".join("- " + x for x in lines)
     return text
+
+
+def overhead_verdict(ratios, bar_percent):
+    """"+3.6% [96% CI +0.2..+7.1%] (bar <= 3%: ...)" for per-round ratios to bare (`common.bar_verdict`)."""
+    low, high, coverage = common.median_interval(ratios)
+    over = (statistics.median(ratios) - 1) * 100
+    verdict = common.bar_verdict(ratios, 1 + bar_percent / 100)
+    return (f"{over:+.1f}% [{coverage:.0%} CI {(low - 1) * 100:+.1f}..{(high - 1) * 100:+.1f}%] "
+            f"(bar <= {bar_percent}%: {verdict})")
 
 
 def first_call_table(by, variants):

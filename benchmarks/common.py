@@ -6,13 +6,19 @@ variant for `inner` steps, in an order that rotates from round to round, so
 slow periods of a shared machine hit all variants alike. Each round gives a
 per-step wall time and a per-step process CPU time for each variant, and a
 per-round ratio variant/baseline (same round). We report the median time, the
-median of the per-round ratios and their interquartile range (IQR).
+median of the per-round ratios and their interquartile range (IQR). The bar
+verdicts also use a distribution-free confidence interval of that median
+of at least 95% (from 6 rounds on; 75% from 3 rounds)
+(`median_interval`): a bar is "met" only when the whole interval is within
+it. The interval covers the rounds of one process; processes differ by more
+(README "Performance", run 16), which it does not capture.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -239,9 +245,53 @@ def summarize(wall, cpu, baseline) -> Dict[str, Dict[str, object]]:
             ratio_q75=float(np.percentile(rw, 75)),
             cpu_ratio_median=float(np.median(rc)), cpu_ratio_q25=float(np.percentile(rc, 25)),
             cpu_ratio_q75=float(np.percentile(rc, 75)),
+            ratio_ci=list(median_interval(rw)),  # low, high, coverage
             rounds=len(w),
         )
     return out
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95):
+    """A distribution-free confidence interval of the median of `values`.
+
+    The order statistics `x_(j+1)` and `x_(n-j)` (sorted, 1-based) for the
+    largest `j` with `P(Binomial(n, 1/2) <= j) <= (1 - confidence) / 2`. For
+    independent values they cover the true median with probability
+    `1 - 2 P(Binomial(n, 1/2) <= j) >= confidence`, whatever the
+    distribution. With too few values for that (fewer than 6 at 95%) the
+    interval is `(min, max)` and its coverage is lower; it is returned too.
+
+    Returns:
+        `(low, high, coverage)`.
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        raise ValueError("`values` must not be empty.")
+    tail = (1.0 - confidence) / 2
+    below, j = 0.0, -1
+    for i in range(n):
+        below += math.comb(n, i) / 2.0**n
+        if below > tail:
+            break
+        j = i
+    j = max(j, 0)
+    coverage = 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j + 1)) / 2.0**n
+    return float(x[j]), float(x[n - 1 - j]), coverage
+
+
+def bar_verdict(values: Sequence[float], limit: float) -> str:
+    """"met", "NOT met" or "undecided" for a bar `median(values) <= limit`, from `median_interval`.
+
+    "met" when the whole interval is at or below `limit`, "NOT met" when all
+    of it is above.
+    """
+    low, high, _ = median_interval(values)
+    if high <= limit:
+        return "met"
+    if low > limit:
+        return "NOT met"
+    return "undecided: the interval straddles the bar"
 
 
 def fmt_ratio(stats) -> str:
