@@ -59,6 +59,10 @@ flags.DEFINE_integer("rounds", 7, "Interleaved rounds per configuration.")
 flags.DEFINE_float("block_ms", 40.0, "Target time of one timed block (sets the steps per block).")
 flags.DEFINE_integer("max_inner", 50, "At most this many steps per timed block.")
 flags.DEFINE_float("group_budget_s", 30.0, "Stop a configuration's rounds after this long (>= 3 rounds).")
+flags.DEFINE_integer("instances", 1,
+                     "Optimizers (each with its own slots and compiled step; all share the weights) built per variant, all timed "
+                     "interleaved; a variant's time in a round is the geometric mean of its instances' "
+                     "(two bare instances differed by 7% for a whole run: README \"Run 16\").", lower_bound=1)
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
 flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no each-check-alone part, "
                   "and unless --variants is given only bare, guard, guard_ce10, lso, check_numerics.")
@@ -154,17 +158,24 @@ def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
 
     jit = mode == "xla"
     variables, grads = common.random_parameters(size, nvars, FLAGS.seed)
-    steps, rows = {}, []
+    steps, rows, instances_of = {}, [], {}
     for variant in variants:
+        # The first instance's first call is the one the first-call table reports.
         fn, compile_s, status, error = build_step(variant, inner_name, variables, grads, jit)
         row = dict(part=tag, size=size, nvars=nvars, mode=mode, inner=inner_name, variant=variant,
-                   compile_s=round(compile_s, 3), status=status, error=error)
+                   compile_s=round(compile_s, 3), status=status, error=error, instances=FLAGS.instances)
         rows.append(row)
-        if fn is not None:
-            steps[variant] = fn
+        if fn is None:
+            continue
+        steps[variant] = fn
+        instances_of[variant] = [variant]
+        for index in range(1, FLAGS.instances):
+            key = common.instance_key(variant, index)
+            steps[key] = build_step(variant, inner_name, variables, grads, jit)[0]
+            instances_of[variant].append(key)
     inner = choose_inner(steps, FLAGS.block_ms, FLAGS.max_inner)
     stats = common.interleaved(steps, baseline="bare", rounds=rounds, inner=inner, warmup=1,
-                               budget_s=FLAGS.group_budget_s)
+                               budget_s=FLAGS.group_budget_s, instances_of=instances_of)
     for row in rows:
         s = stats.get(row["variant"])
         row["inner_steps"] = inner

@@ -65,16 +65,11 @@ flags.DEFINE_bool("quick", False, "mlp under XLA only, bare/guard/guard_ce10, 3 
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/train_step<tag>.*).")
 
 
-def instance_key(variant, index):
-    """The name instance `index` of a variant is timed under: `guard`, `guard#2`, ..."""
-    return variant if index == 0 else f"{variant}#{index + 1}"
-
-
 def run_group(model_name, mode, variants, rounds):
     import numpy as np
 
     jit = mode == "xla"
-    keys = {v: [instance_key(v, i) for i in range(FLAGS.instances)] for v in variants}
+    keys = {v: [common.instance_key(v, i) for i in range(FLAGS.instances)] for v in variants}
     everything = [k for v in variants for k in keys[v]]
     built = {}
     compile_s = {}
@@ -99,11 +94,7 @@ def run_group(model_name, mode, variants, rounds):
             w, c = common.fit_block(*built[k], steps)
             wall[k].append(w)
             cpu[k].append(c)
-
-    def per_variant(times):
-        return {v: np.exp(np.mean(np.log([times[k] for k in keys[v]]), axis=0)).tolist() for v in variants}
-
-    stats = common.summarize(per_variant(wall), per_variant(cpu), "bare")
+    stats = common.summarize(common.instance_means(wall, keys), common.instance_means(cpu, keys), "bare")
     rows = []
     for v in variants:
         model = built[v][0]

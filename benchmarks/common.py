@@ -188,6 +188,7 @@ def interleaved(
     inner: int,
     warmup: int = 2,
     budget_s: Optional[float] = None,
+    instances_of: Optional[Dict[str, List[str]]] = None,
 ) -> Dict[str, Dict[str, object]]:
     """Times `steps` (name -> zero-argument step) interleaved; see the module docstring.
 
@@ -199,6 +200,10 @@ def interleaved(
         warmup: Untimed calls of each variant before the first round.
         budget_s: If set, stop after the round in which this many seconds were
             spent (at least 3 rounds run).
+        instances_of: If set, variant -> the names in `steps` of its
+            instances (`instance_key`); each variant's time in a round is
+            then `instance_means` of its instances', and the result has one
+            entry per variant.
 
     Returns:
         name -> dict(wall_ms, cpu_ms: per-round per-step times (lists),
@@ -228,7 +233,25 @@ def interleaved(
             cpu[name].append((time.process_time() - c0) / inner * 1e3)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
+    if instances_of:
+        wall, cpu = instance_means(wall, instances_of), instance_means(cpu, instances_of)
     return summarize(wall, cpu, baseline)
+
+
+def instance_key(variant: str, index: int) -> str:
+    """The name instance `index` of a variant is timed under: `guard`, `guard#2`, ..."""
+    return variant if index == 0 else f"{variant}#{index + 1}"
+
+
+def instance_means(times: Dict[str, List[float]], instances_of: Dict[str, List[str]]) -> Dict[str, List[float]]:
+    """Per variant, the per-round geometric mean of its instances' times.
+
+    Two identical steps built in one process can differ by several percent
+    for a whole run (README "Run 16"); averaging N instances of each variant
+    shrinks that offset, which more rounds do not.
+    """
+    return {v: np.exp(np.mean(np.log([times[k] for k in keys]), axis=0)).tolist()
+            for v, keys in instances_of.items()}
 
 
 def summarize(wall, cpu, baseline) -> Dict[str, Dict[str, object]]:
