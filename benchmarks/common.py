@@ -10,8 +10,10 @@ median of the per-round ratios and their interquartile range (IQR). The bar
 verdicts also use a distribution-free confidence interval of that median
 of at least 95% (from 6 rounds on; 75% from 3 rounds)
 (`median_interval`): a bar is "met" only when the whole interval is within
-it. The interval covers the rounds of one process; processes differ by more
-(README "Performance", run 16), which it does not capture.
+it. The interval covers the rounds of one process only: two identical
+steps built in one process can differ by several percent for a whole run,
+and processes by more (README "Run 16"). `instances_of` averages several
+instances of each variant to shrink the first.
 """
 
 from __future__ import annotations
