@@ -205,13 +205,15 @@ def interleaved(
         instances_of: If set, variant -> the names in `steps` of its
             instances (`instance_key`); each variant's time in a round is
             then `instance_means` of its instances', and the result has one
-            entry per variant.
+            entry per variant, with `instance_median_ms`: each instance's
+            median time.
 
     Returns:
         name -> dict(wall_ms, cpu_ms: per-round per-step times (lists),
         median_ms, median_cpu_ms, ratio: per-round wall ratios to the baseline,
         ratio_median, ratio_q25, ratio_q75, cpu_ratio_median, cpu_ratio_q25,
-        cpu_ratio_q75).
+        cpu_ratio_q75, ratio_ci: `median_interval` of the ratios as
+        `[low, high, coverage]`, rounds).
     """
     names = list(steps)
     for name in names:
@@ -235,9 +237,12 @@ def interleaved(
             cpu[name].append((time.process_time() - c0) / inner * 1e3)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
-    if instances_of:
-        wall, cpu = instance_means(wall, instances_of), instance_means(cpu, instances_of)
-    return summarize(wall, cpu, baseline)
+    if not instances_of:
+        return summarize(wall, cpu, baseline)
+    stats = summarize(instance_means(wall, instances_of), instance_means(cpu, instances_of), baseline)
+    for variant, keys in instances_of.items():
+        stats[variant]["instance_median_ms"] = [float(np.median(wall[k])) for k in keys]
+    return stats
 
 
 def instance_key(variant: str, index: int) -> str:
