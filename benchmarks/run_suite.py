@@ -31,7 +31,7 @@ flags.DEFINE_list("only", ["optimizer", "optimizer_tf_threads", "train_step", "m
                   "Benchmarks to run (also, not in the default list: startup, the first fit call in fresh "
                   "processes, about 2 minutes for the three small models; long_fit, GuardCallback over "
                   "5,000 steps, about 5 minutes; train_step_bars, the two models of the train-step bar "
-                  "with 3 instances per variant and 21 rounds, about 3.5 minutes: README \"Run 16\").")
+                  "with 3 instances per variant and 21 rounds, about 4 minutes: README \"Run 16\").")
 
 # name: (script, result-file suffix, arguments). `optimizer_tf_threads`
 # repeats the optimizer-only XLA Adam matrix with TensorFlow's default thread
@@ -48,8 +48,10 @@ PARTS = dict(
     memory=("bench_memory.py", "", []),
     startup=("bench_startup.py", "", ["--threads=0"]),  # what users start with
     long_fit=("bench_long_fit.py", "", []),
-    # One instance per variant cannot decide a 3% bar (two identical bare
-    # steps differed by 2.9% for a whole run: README "Run 16"); three can.
+    # One instance per variant cannot decide a 3% bar: two identical bare
+    # steps differed by 2.9% for a whole run (README "Run 16"). Three
+    # instances average that offset down; they decided the MLP's bar in two
+    # of three runs there.
     train_step_bars=("bench_train_step.py", "_bars", [
         "--models=mlp,cnn", "--modes=xla", "--variants=bare,guard,guard_ce10", "--instances=3",
         "--rounds=21"]),
