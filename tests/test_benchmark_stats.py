@@ -56,3 +56,24 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_bar():
     assert common.bar_verdict(straddling, 1.03).startswith("undecided")
     # The median alone is below the bar here, and still no verdict.
     assert common.bar_verdict(straddling - 0.005, 1.03).startswith("undecided")
+
+
+def test_instance_means_are_per_round_geometric_means():
+    times = {"bare": [1.0, 2.0], "bare#2": [4.0, 8.0], "guard": [3.0, 3.0]}
+    means = common.instance_means(times, {"bare": ["bare", "bare#2"], "guard": ["guard"]})
+    assert means["bare"] == pytest.approx([2.0, 4.0], rel=1e-12)
+    assert means["guard"] == pytest.approx([3.0, 3.0], rel=1e-12)
+
+
+def test_interleaved_with_instances_reports_one_entry_per_variant():
+    calls = []
+    steps = {common.instance_key(v, i): (lambda k=common.instance_key(v, i): calls.append(k))
+             for v in ("bare", "guard") for i in range(3)}
+    assert sorted(steps) == ["bare", "bare#2", "bare#3", "guard", "guard#2", "guard#3"]
+    instances_of = {v: [common.instance_key(v, i) for i in range(3)] for v in ("bare", "guard")}
+    stats = common.interleaved(steps, "bare", rounds=4, inner=2, warmup=1, instances_of=instances_of)
+    assert sorted(stats) == ["bare", "guard"]
+    assert all(len(stats[v]["instance_median_ms"]) == 3 and stats[v]["rounds"] == 4 for v in stats)
+    assert stats["bare"]["ratio"] == [1.0] * 4
+    # Every instance ran its warm-up call and `inner` steps in each of the 4 rounds.
+    assert {k: calls.count(k) for k in steps} == {k: 1 + 4 * 2 for k in steps}
