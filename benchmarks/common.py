@@ -255,9 +255,11 @@ def instance_means(times: Dict[str, List[float]], instances_of: Dict[str, List[s
 
     Two identical steps built in one process can differ by several percent
     for a whole run (README "Run 16"); averaging N instances of each variant
-    shrinks that offset, which more rounds do not.
+    shrinks that offset, which more rounds do not. A variant of one instance
+    keeps its times as they are (no `exp(log(t))` rounding).
     """
-    return {v: np.exp(np.mean(np.log([times[k] for k in keys]), axis=0)).tolist()
+    return {v: list(times[keys[0]]) if len(keys) == 1
+            else np.exp(np.mean(np.log([times[k] for k in keys]), axis=0)).tolist()
             for v, keys in instances_of.items()}
 
 
