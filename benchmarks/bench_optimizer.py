@@ -329,12 +329,12 @@ def report(rows, variants, alone_groups, meta):
             continue
         low, high, coverage = g["ratio_ci"]
         line = (f"xla adam {size:.0e} {nvars}v: guard {g['ratio_median']:.3f}x [{coverage:.0%} CI {low:.3f}-{high:.3f}] "
-                f"(bar <= 1.25: {common.bar_verdict(g['ratio'], 1.25)})")
+                f"(bar <= 1.25: {common.bar_verdict(g['ratio_ci'], 1.25)})")
         if lso and "ratio_median" in lso:
             # Per round: both ratios share that round's bare time.
             excess = [a - b for a, b in zip(g["ratio"], lso["ratio"])]
             line += (f"; lso {lso['ratio_median']:.3f}x (bar guard <= lso + 0.10, per round: "
-                     f"{common.bar_verdict(excess, 0.10)})")
+                     f"{common.bar_verdict(common.median_interval(excess), 0.10)})")
         verdicts.append(line)
     if verdicts:
         text += "\n\n### Bar (optimizer-only, XLA, Adam, >= 1e6 params)\n\n" + "\n".join("- " + v for v in verdicts)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -87,21 +86,17 @@ def run_group(model_name, mode, variants, rounds):
     wall = {k: [] for k in everything}
     cpu = {k: [] for k in everything}
     for r in range(rounds):
-        order = everything[r % len(everything):] + everything[: r % len(everything)]
-        if r % 2:
-            order = order[::-1]
-        for k in order:
+        for k in common.round_order(everything, r):
             w, c = common.fit_block(*built[k], steps)
             wall[k].append(w)
             cpu[k].append(c)
-    stats = common.summarize(common.instance_means(wall, keys), common.instance_means(cpu, keys), "bare")
+    stats = common.summarize_instances(wall, cpu, "bare", keys)
     rows = []
     for v in variants:
         model = built[v][0]
         params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
         row = dict(model=model_name, mode=mode, variant=v, params=params, steps_per_block=steps,
-                   compile_s=round(compile_s[v], 2), instances=FLAGS.instances,
-                   instance_median_ms=[float(np.median(wall[k])) for k in keys[v]])
+                   compile_s=round(compile_s[v], 2), instances=FLAGS.instances)
         row.update(stats[v])
         rows.append(row)
     del built
@@ -170,18 +165,18 @@ def report(rows, variants):
             continue
         for variant, label, bar in (("guard", "check_every=1", 3), ("guard_ce10", "check_every=10", 1)):
             if variant in vs:
-                lines.append(f"{model} xla {label}: {overhead_verdict(vs[variant]['ratio'], bar)}")
+                lines.append(f"{model} xla {label}: {overhead_verdict(vs[variant], bar)}")
     if lines:
         print("\n".join(lines))
         text += "\n\n### Bar (train step, XLA)\n\n" + "\n".join("- " + x for x in lines)
     return text
 
 
-def overhead_verdict(ratios, bar_percent):
-    """"+3.6% [96% CI +0.2..+7.1%] (bar <= 3%: ...)" for per-round ratios to bare (`common.bar_verdict`)."""
-    low, high, coverage = common.median_interval(ratios)
-    over = (statistics.median(ratios) - 1) * 100
-    verdict = common.bar_verdict(ratios, 1 + bar_percent / 100)
+def overhead_verdict(stats, bar_percent):
+    """"+3.6% [96% CI +0.2..+7.1%] (bar <= 3%: ...)" for a variant's `summarize` stats (`common.bar_verdict`)."""
+    low, high, coverage = stats["ratio_ci"]
+    over = (stats["ratio_median"] - 1) * 100
+    verdict = common.bar_verdict(stats["ratio_ci"], 1 + bar_percent / 100)
     return (f"{over:+.1f}% [{coverage:.0%} CI {(low - 1) * 100:+.1f}..{(high - 1) * 100:+.1f}%] "
             f"(bar <= {bar_percent}%: {verdict})")
 

@@ -223,10 +223,7 @@ def interleaved(
     cpu = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if r % 2:
-            order = order[::-1]
-        for name in order:
+        for name in round_order(names, r):
             fn = steps[name]
             t0, c0 = time.perf_counter(), time.process_time()
             out = None
@@ -239,6 +236,18 @@ def interleaved(
             break
     if not instances_of:
         return summarize(wall, cpu, baseline)
+    return summarize_instances(wall, cpu, baseline, instances_of)
+
+
+def round_order(names: Sequence[str], round_index: int) -> List[str]:
+    """The order of `names` in round `round_index`: rotated by one each round, reversed every other."""
+    shift = round_index % len(names)
+    order = list(names[shift:]) + list(names[:shift])
+    return order[::-1] if round_index % 2 else order
+
+
+def summarize_instances(wall, cpu, baseline, instances_of) -> Dict[str, Dict[str, object]]:
+    """`summarize` of each variant's `instance_means`, plus `instance_median_ms`: each instance's median time."""
     stats = summarize(instance_means(wall, instances_of), instance_means(cpu, instances_of), baseline)
     for variant, keys in instances_of.items():
         stats[variant]["instance_median_ms"] = [float(np.median(wall[k])) for k in keys]
@@ -312,13 +321,14 @@ def median_interval(values: Sequence[float], confidence: float = 0.95):
     return float(x[j]), float(x[n - 1 - j]), coverage
 
 
-def bar_verdict(values: Sequence[float], limit: float) -> str:
-    """"met", "NOT met" or "undecided" for a bar `median(values) <= limit`, from `median_interval`.
+def bar_verdict(interval: Sequence[float], limit: float) -> str:
+    """"met", "NOT met" or "undecided" for a bar `median <= limit`, from the median's `interval`.
 
-    "met" when the whole interval is at or below `limit`, "NOT met" when all
-    of it is above.
+    `interval` is `median_interval(...)` (`low, high[, coverage]`), the one
+    the report prints beside the verdict. "met" when all of it is at or
+    below `limit`, "NOT met" when all of it is above.
     """
-    low, high, _ = median_interval(values)
+    low, high = interval[0], interval[1]
     if high <= limit:
         return "met"
     if low > limit:

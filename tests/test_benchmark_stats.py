@@ -50,12 +50,12 @@ def test_coverage_holds_for_a_skewed_distribution():
 
 def test_verdict_needs_the_whole_interval_on_one_side_of_the_bar():
     below = [0.99, 1.0, 1.01, 1.0, 1.02, 0.98, 1.0, 1.01, 1.0]
-    assert common.bar_verdict(below, 1.03) == "met"
-    assert common.bar_verdict([r + 0.05 for r in below], 1.03) == "NOT met"
+    assert common.bar_verdict(common.median_interval(below), 1.03) == "met"
+    assert common.bar_verdict(common.median_interval([r + 0.05 for r in below]), 1.03) == "NOT met"
     straddling = np.linspace(1.0, 1.06, 9)  # median 1.03, interval 1.0075-1.0525
-    assert common.bar_verdict(straddling, 1.03).startswith("undecided")
+    assert common.bar_verdict(common.median_interval(straddling), 1.03).startswith("undecided")
     # The median alone is below the bar here, and still no verdict.
-    assert common.bar_verdict(straddling - 0.005, 1.03).startswith("undecided")
+    assert common.bar_verdict(common.median_interval(straddling - 0.005), 1.03).startswith("undecided")
 
 
 def test_instance_means_are_per_round_geometric_means():
