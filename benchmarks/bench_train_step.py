@@ -72,12 +72,13 @@ def run_group(model_name, mode, variants, rounds):
     everything = [k for v in variants for k in keys[v]]
     built = {}
     compile_s = {}
-    for key in everything:
-        t0 = time.perf_counter()
-        model, data, callbacks = models.compiled_variant(model_name, key.partition("#")[0], jit)
-        common.fit_block(model, data, callbacks, 2)  # trace, compile, warm up
-        compile_s[key] = time.perf_counter() - t0
-        built[key] = (model, data, callbacks)
+    for variant in variants:
+        for key in keys[variant]:
+            t0 = time.perf_counter()
+            model, data, callbacks = models.compiled_variant(model_name, variant, jit)
+            common.fit_block(model, data, callbacks, 2)  # trace, compile, warm up
+            compile_s[key] = time.perf_counter() - t0
+            built[key] = (model, data, callbacks)
     if FLAGS.steps > 0:
         steps = FLAGS.steps
     else:
