@@ -310,15 +310,14 @@ def median_interval(values: Sequence[float], confidence: float = 0.95):
     if n == 0:
         raise ValueError("`values` must not be empty.")
     tail = (1.0 - confidence) / 2
-    below, j = 0.0, -1
+    # `outside`: the count of outcomes with at most `j` values below the median (its sum of binomial terms).
+    j, outside, running = 0, 1, 0  # j = 0, the (min, max) fallback, unless a larger rank qualifies
     for i in range(n):
-        below += math.comb(n, i) / 2.0**n
-        if below > tail:
+        running += math.comb(n, i)
+        if running / 2.0**n > tail:
             break
-        j = i
-    j = max(j, 0)
-    coverage = 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j + 1)) / 2.0**n
-    return float(x[j]), float(x[n - 1 - j]), coverage
+        j, outside = i, running
+    return float(x[j]), float(x[n - 1 - j]), 1.0 - 2.0 * outside / 2.0**n
 
 
 def bar_verdict(interval: Sequence[float], limit: float) -> str:
