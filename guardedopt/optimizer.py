@@ -21,6 +21,7 @@ reads them at boundaries (`GuardCallback`, `check()`, `report()`, the end of
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
@@ -239,16 +240,15 @@ def _unchanged_delta(dtype, sign: float) -> tf.Tensor:
     return tf.zeros([], dtype)
 
 
-def _masked_write_methods(variable, skip):
+def _masked_write_methods(variable, skip, original):
     """Replacements for `variable`'s write methods that change nothing where `skip`.
 
-    Each writes what the original would, except that under `skip` it writes
-    the current value back (`assign`, `scatter_update`) or adds a signed zero
-    that keeps every bit (`assign_add`, `scatter_add`: -0.0; `assign_sub`,
-    `scatter_sub`: +0.0). Without `skip` the written value is the caller's,
-    bit for bit.
+    Each writes through `original[name]` what the caller asked for, except
+    that under `skip` it writes the current value back (`assign`,
+    `scatter_update`) or adds a signed zero that keeps every bit
+    (`assign_add`, `scatter_add`: -0.0; `assign_sub`, `scatter_sub`: +0.0).
+    Without `skip` the written value is the caller's, bit for bit.
     """
-    original = {name: getattr(variable, name) for name in _MASKED_WRITES}
     dtype = variable.dtype
 
     def dense(value):
@@ -291,9 +291,93 @@ def _masked_write_methods(variable, skip):
 _MASKED_WRITES = ("assign", "assign_add", "assign_sub", "scatter_update", "scatter_add", "scatter_sub")
 
 
+class _WriteMasks:
+    """The masks open on one variable, and the dispatchers that apply them.
+
+    While any mask is open the variable's write methods are shadowed by
+    dispatchers. A write applies the innermost open mask made in its own
+    scope (`_mask_scope`) and passes the rest through unmasked: another
+    thread's writes, or another graph's trace, are not masked by this step.
+    """
+
+    def __init__(self, variable):
+        self.variable = variable  # keeps `id(variable)` from being reused
+        self.shadowed = {n: variable.__dict__[n] for n in _MASKED_WRITES if n in variable.__dict__}
+        self.unmasked = {n: getattr(variable, n) for n in _MASKED_WRITES}
+        self.open: List[_Mask] = []  # outermost first
+        for name in _MASKED_WRITES:
+            object.__setattr__(variable, name, self._dispatcher(name))
+
+    def _dispatcher(self, name):
+        def write(*args, **kwargs):
+            return self.write_below(None, name, *args, **kwargs)
+        return write
+
+    def write_below(self, mask, name, *args, **kwargs):
+        """Writes through the innermost mask of this scope opened before `mask` (None: any)."""
+        scopes = _current_scopes()
+        method = self.unmasked[name]
+        with _MASKS_LOCK:
+            index = len(self.open) if mask is None else next(
+                i for i, m in enumerate(self.open) if m is mask)
+            for opened in reversed(self.open[:index]):
+                if opened.scope in scopes:  # graphs by identity, threads by id
+                    method = opened.methods[name]
+                    break
+        return method(*args, **kwargs)
+
+    def restore(self):
+        for name in _MASKED_WRITES:
+            self.variable.__dict__.pop(name, None)
+        for name, method in self.shadowed.items():
+            object.__setattr__(self.variable, name, method)
+
+
+class _Mask:
+    """One open `_writes_masked` block on one variable: its scope and write methods."""
+
+    def __init__(self, scope):
+        self.scope = scope
+        self.methods = {}
+
+
+_MASKS_LOCK = threading.RLock()
+_OPEN_MASKS: Dict[int, _WriteMasks] = {}
+
+
+def _mask_scope():
+    """What a mask made here applies to: the graph being traced; eagerly, this thread.
+
+    Eagerly under a strategy the scope is shared: `MirroredStrategy` runs the
+    replica function in a thread of its own and the optimizer's writes in a
+    `merge_call` on the main thread. In a graph the merge call enters the
+    replica's graph, so the graph is the scope there.
+    """
+    if not tf.executing_eagerly():
+        return tf.compat.v1.get_default_graph()
+    return _EAGER_SHARED if tf.distribute.has_strategy() else threading.get_ident()
+
+
+_EAGER_SHARED = object()
+
+
+def _current_scopes():
+    """The scopes a write made here is in: this graph, the graphs it is nested in, this thread.
+
+    A graph traced inside an eager block (a `tf.function` the inner optimizer
+    calls) is in that block's scope too.
+    """
+    scopes = [_EAGER_SHARED, threading.get_ident()]
+    graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    while graph is not None:
+        scopes.append(graph)
+        graph = getattr(graph, "outer_graph", None)
+    return scopes
+
+
 @contextlib.contextmanager
 def _writes_masked(variables, skip):
-    """Within this block, writes to `variables` keep the old values where `skip`.
+    """Within this block, this step's writes to `variables` keep the old values where `skip`.
 
     This is how a step known to be skipped before the update (non-finite
     gradients, a pending raise) is skipped in a compiled step: the inner
@@ -307,20 +391,42 @@ def _writes_masked(variables, skip):
     Writes through the `tf.Variable` methods (which Keras' `Variable.assign*`,
     `Optimizer.assign*`, weight decay, EMA and the iteration counter all use)
     are masked; raw resource ops on the handle would not be. Instance
-    attributes shadow the methods for the duration of the block only.
+    attributes shadow the methods while any block is open on the variable;
+    they mask only the writes of this block's scope (`_mask_scope`), so a
+    second thread's writes, or a second guarded step traced at the same time
+    in another thread, are not touched.
     """
-    patched = []
+    scope = _mask_scope()
+    opened = []
     try:
         for variable in variables:
             variable = _unwrap_value(variable)
-            for name, method in _masked_write_methods(variable, skip).items():
-                object.__setattr__(variable, name, method)
-            patched.append(variable)
+            with _MASKS_LOCK:
+                masks = _OPEN_MASKS.get(id(variable))
+                if masks is None:
+                    masks = _OPEN_MASKS[id(variable)] = _WriteMasks(variable)
+                if any(m is masks for m, _ in opened):
+                    continue  # listed twice
+                mask = _Mask(scope)
+                below = {n: _bound_below(masks, mask, n) for n in _MASKED_WRITES}
+                mask.methods = _masked_write_methods(variable, skip, below)
+                masks.open.append(mask)
+                opened.append((masks, mask))
         yield
     finally:
-        for variable in patched:
-            for name in _MASKED_WRITES:
-                variable.__dict__.pop(name, None)
+        with _MASKS_LOCK:
+            for masks, mask in opened:
+                masks.open = [m for m in masks.open if m is not mask]
+                if not masks.open:
+                    masks.restore()
+                    del _OPEN_MASKS[id(masks.variable)]
+
+
+def _bound_below(masks, mask, name):
+    """`name` as written beneath `mask`: through the masks opened before it, or unmasked."""
+    def write(*args, **kwargs):
+        return masks.write_below(mask, name, *args, **kwargs)
+    return write
 
 
 def _assign_all(pairs):

@@ -1,6 +1,7 @@
 """GuardedOptimizer behaviour: skips, raises, findings, delegation, serialization."""
 
 import logging
+import threading
 
 import keras
 import numpy as np
@@ -70,6 +71,78 @@ def test_skip_loses_nothing_and_recovers(mode):
     assert not bitwise_equal(before, state_of(model, opt))
     assert int(opt.skipped_steps_consecutive.numpy()) == 0
     assert int(opt.last_good_step.numpy()) == 6
+
+
+class _GatedSGD(keras.optimizers.SGD):
+    """SGD whose update waits at a gate: a test can act while a guarded step is open."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def update_step(self, gradient, variable, learning_rate):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        super().update_step(gradient, variable, learning_rate)
+
+
+def _in_thread(fn, errors):
+    def run():
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001 - re-raised by the test
+            errors.append(error)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_another_threads_write_is_not_masked_by_an_eager_skipped_step():
+    weights = keras.Variable(np.ones(3, np.float32))
+    inner = _GatedSGD(learning_rate=0.1)
+    opt = guardedopt.GuardedOptimizer(inner)
+    opt.build([weights])
+    errors = []
+    step = _in_thread(lambda: opt.apply([tf.fill([3], np.float32("nan"))], [weights]), errors)
+    assert inner.entered.wait(60)
+    # The skipped step's masked writes are open now; this thread's write must land.
+    weights.assign([5.0, 6.0, 7.0])
+    inner.gate.set()
+    step.join(60)
+    assert not errors, errors
+    np.testing.assert_array_equal(weights.numpy(), [5.0, 6.0, 7.0])
+    assert opt.report().skipped_steps == 1
+    assert not set(weights.value.__dict__) & {"assign", "assign_add", "assign_sub"}
+
+
+@pytest.mark.parametrize("jit_compile", (False, True))
+def test_two_guarded_steps_traced_at_once_on_shared_weights_keep_their_own_masks(jit_compile):
+    weights = keras.Variable(np.ones(3, np.float32))
+    finite_inner, nan_inner = _GatedSGD(learning_rate=0.5), _GatedSGD(learning_rate=0.5)
+    finite = guardedopt.GuardedOptimizer(finite_inner)
+    skipped = guardedopt.GuardedOptimizer(nan_inner)
+    for opt in (finite, skipped):
+        opt.build([weights])
+    gradient = tf.constant([1.0, 2.0, 4.0])
+
+    def stepper(opt, grads):
+        return tf.function(lambda: opt.apply([grads], [weights]), jit_compile=jit_compile)
+
+    errors = []
+    # The finite step opens its masks first and closes them while the skipped
+    # step's are still open: neither may use or remove the other's.
+    first = _in_thread(stepper(finite, gradient), errors)
+    assert finite_inner.entered.wait(60)
+    second = _in_thread(stepper(skipped, gradient * np.float32("nan")), errors)
+    assert nan_inner.entered.wait(60)
+    finite_inner.gate.set()
+    first.join(60)
+    nan_inner.gate.set()
+    second.join(60)
+    assert not errors, errors
+    np.testing.assert_array_equal(weights.numpy(), np.float32(1.0) - np.float32(0.5) * gradient.numpy())
+    assert finite.report().skipped_steps == 0 and skipped.report().skipped_steps == 1
+    assert int(finite.iterations) == 1 and int(skipped.iterations) == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
