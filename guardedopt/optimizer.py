@@ -166,7 +166,16 @@ def _in_xla_context() -> bool:
 
 
 def _distributed() -> bool:
-    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+    """Whether the step runs under a strategy whose variables are distributed.
+
+    A one-replica `MirroredStrategy` counts: its optimizer writes go to the
+    component variables in a `merge_call`, past any mask on the mirrored
+    variable. `OneDeviceStrategy` keeps plain variables and does not count.
+    """
+    if not tf.distribute.has_strategy():
+        return False
+    strategy = tf.distribute.get_strategy()
+    return strategy.num_replicas_in_sync > 1 or not isinstance(strategy, tf.distribute.OneDeviceStrategy)
 
 
 def _strategy_classes(*paths):
