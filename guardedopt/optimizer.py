@@ -175,7 +175,7 @@ def _distributed() -> bool:
     if not tf.distribute.has_strategy():
         return False
     strategy = tf.distribute.get_strategy()
-    return strategy.num_replicas_in_sync > 1 or not isinstance(strategy, tf.distribute.OneDeviceStrategy)
+    return not isinstance(strategy, tf.distribute.OneDeviceStrategy)
 
 
 def _strategy_classes(*paths):
@@ -315,12 +315,7 @@ class _WriteMasks:
         self.unmasked = {n: getattr(variable, n) for n in _MASKED_WRITES}
         self.open: List[_Mask] = []  # outermost first
         for name in _MASKED_WRITES:
-            object.__setattr__(variable, name, self._dispatcher(name))
-
-    def _dispatcher(self, name):
-        def write(*args, **kwargs):
-            return self.write_below(None, name, *args, **kwargs)
-        return write
+            object.__setattr__(variable, name, _bound_below(self, None, name))
 
     def write_below(self, mask, name, *args, **kwargs):
         """Writes through the innermost mask of this scope opened before `mask` (None: any)."""
@@ -352,6 +347,7 @@ class _Mask:
 
 _MASKS_LOCK = threading.RLock()
 _OPEN_MASKS: Dict[int, _WriteMasks] = {}
+_EAGER_SHARED = object()  # the scope of eager writes under a strategy (`_mask_scope`)
 
 
 def _mask_scope():
@@ -365,9 +361,6 @@ def _mask_scope():
     if not tf.executing_eagerly():
         return tf.compat.v1.get_default_graph()
     return _EAGER_SHARED if tf.distribute.has_strategy() else threading.get_ident()
-
-
-_EAGER_SHARED = object()
 
 
 def _current_scopes():
@@ -432,7 +425,7 @@ def _writes_masked(variables, skip):
 
 
 def _bound_below(masks, mask, name):
-    """`name` as written beneath `mask`: through the masks opened before it, or unmasked."""
+    """`name` as written beneath `mask` (None: above every mask): through the masks opened before it, or unmasked."""
     def write(*args, **kwargs):
         return masks.write_below(mask, name, *args, **kwargs)
     return write

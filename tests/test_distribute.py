@@ -133,7 +133,7 @@ def _one_replica_strategy(kind):
 
 
 @pytest.mark.parametrize("kind", ("mirrored", "one_device"))
-@pytest.mark.parametrize("mode", ("eager_loop", "fit", "fit_xla"))
+@pytest.mark.parametrize("mode", ("eager_loop", "function_loop", "fit", "fit_xla"))
 def test_one_replica_strategy_skip_keeps_weights_slots_and_iterations(kind, mode):
     # A one-replica MirroredStrategy's optimizer writes reach the component
     # variables in a merge_call. The guard once masked only the mirrored
@@ -153,18 +153,21 @@ def test_one_replica_strategy_skip_keeps_weights_slots_and_iterations(kind, mode
     x = np.linspace(-1.0, 1.0, 32, dtype=np.float32).reshape(8, 4)
     targets = np.ones((8, 2), np.float32)
 
+    def step(y):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    traced_step = tf.function(lambda y: strategy.run(step, args=(y,)))
+
     def train(y):
-        if mode != "eager_loop":
+        if mode == "eager_loop":
+            strategy.run(step, args=(tf.constant(y),))
+        elif mode == "function_loop":
+            traced_step(tf.constant(y))
+        else:
             model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-            return
-
-        def step():
-            with tf.GradientTape() as tape:
-                loss = keras.losses.MeanSquaredError()(y, model(x))
-            grads = tape.gradient(loss, model.trainable_variables)
-            opt.apply_gradients(zip(grads, model.trainable_variables))
-
-        strategy.run(step)
 
     train(targets)
     before = state_of(model, opt)
