@@ -34,6 +34,7 @@ weight; the cap and the normalisation hold together (see `balanced_weights`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -963,7 +964,7 @@ def balancer_from_option(class_weight: Any) -> Optional[ClassBalancer]:
     if class_weight is None or isinstance(class_weight, ClassBalancer):
         return class_weight
     if isinstance(class_weight, dict):
-        return ClassBalancer.from_config(class_weight)
+        return _balancer_from_dict(class_weight)
     if isinstance(class_weight, str) and class_weight in CLASS_WEIGHT_OPTIONS:
         method = {"observe": None, "auto": BALANCED}.get(class_weight, class_weight)
         return ClassBalancer(method=method)
@@ -971,6 +972,27 @@ def balancer_from_option(class_weight: Any) -> Optional[ClassBalancer]:
     raise ValueError(
         f"`class_weight` must be one of {allowed} or a ClassBalancer. "
         f"Received: class_weight={class_weight!r}"
+    )
+
+
+def _balancer_from_dict(config: Dict[Any, Any]) -> ClassBalancer:
+    """A `ClassBalancer` from its config, or from its `keras.saving` serialization."""
+    if "class_name" in config:
+        try:
+            balancer = keras.saving.deserialize_keras_object(config)
+        except (TypeError, ValueError):
+            balancer = None
+        if isinstance(balancer, ClassBalancer):
+            return balancer
+    options = set(inspect.signature(ClassBalancer.__init__).parameters) - {"self"}
+    if config and all(isinstance(key, str) and key in options for key in config):
+        return ClassBalancer.from_config(config)
+    raise ValueError(
+        "`class_weight` given as a dict must be a ClassBalancer config (keys among "
+        f"{sorted(options)}) or a serialized ClassBalancer. Received: "
+        f"class_weight={config!r}. Fixed per-class weights ({{class_id: weight}}) "
+        "belong in `model.fit(class_weight=...)`; `class_weight='auto'` here "
+        "estimates them online."
     )
 
 
@@ -1110,9 +1132,13 @@ class WeightedLoss(keras.losses.Loss):
         return self.loss(y_true, y_pred)
 
     def get_config(self) -> Dict[str, Any]:
+        # Serialized as a Keras object: in a `.keras` file the balancer of
+        # `opt.weighted(loss)` is then one shared object (Keras'
+        # `ObjectSharingScope`), so the loaded loss counts into the loaded
+        # optimizer's restored counts.
         return {
             "loss": keras.saving.serialize_keras_object(self.loss),
-            "balancer": self.balancer.get_config(),
+            "balancer": keras.saving.serialize_keras_object(self.balancer),
             "name": self.name,
         }
 
@@ -1120,7 +1146,11 @@ class WeightedLoss(keras.losses.Loss):
     def from_config(cls, config: Dict[str, Any]) -> "WeightedLoss":
         config = dict(config)
         loss = keras.losses.deserialize(config.pop("loss"))
-        balancer = ClassBalancer.from_config(config.pop("balancer"))
+        balancer = config.pop("balancer")
+        if "class_name" in balancer:
+            balancer = keras.saving.deserialize_keras_object(balancer)
+        else:  # The bare options, as files of earlier versions hold them.
+            balancer = ClassBalancer.from_config(balancer)
         return cls(loss, balancer=balancer, **config)
 
 

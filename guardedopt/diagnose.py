@@ -19,6 +19,7 @@ train function Keras traced for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -91,6 +92,9 @@ class _Trace:
     nonfinite_loss: List[bool] = dataclasses.field(default_factory=list)  # per step
     nonfinite_weights_step: Optional[int] = None
     nonfinite_weights: Tuple[str, ...] = ()
+    # Per step, under gradient accumulation: whether the step updated the
+    # weights (None: every step does).
+    update_steps: Optional[List[bool]] = None
     error: Optional[BaseException] = None
 
 
@@ -114,9 +118,10 @@ def diagnose(
 
     Two ways to train are supported:
 
-    * A compiled Keras model (`train_step=None`): each step is
-      `model.train_on_batch(x, y, sample_weight)`, so a custom
-      `Model.train_step` is exercised too. The optimizer and loss are the
+    * A compiled Keras model (`train_step=None`): each step is one step of
+      `fit` (`model.train_function` on one batch, also for a model compiled
+      with `steps_per_execution` > 1), so a custom `Model.train_step` is
+      exercised too. The optimizer and loss are the
       compiled ones.
     * A custom step: `train_step(batch)` (or `train_step(x, y)` when it takes
       one positional argument per batch element), eager or `tf.function`.
@@ -142,7 +147,9 @@ def diagnose(
         optimizer: The optimizer the step applies gradients with (default:
             `model.optimizer`).
         loss: The loss of a custom step (default: the compiled loss).
-        steps: Training steps to run (int >= 1).
+        steps: Training steps to run (int >= 1; with an optimizer's
+            `gradient_accumulation_steps=k`, >= 2k: only every k-th step
+            updates the weights, and only those steps are measured).
         batch_size: Batch size when `data` is arrays (int >= 1).
         num_batches: Distinct batches to cycle through (int >= 1).
         min_step: Effective step `‖Δw‖/‖w‖` below which a step is tiny (for
@@ -162,7 +169,9 @@ def diagnose(
         [T, n_vars] measured from outside, `grad_norm` (NaN: not observable),
         `skipped` [T] cumulative guard skips, `nonfinite` [T] non-finite loss),
         `variable_paths`, `min_step`, `max_step`,
-        `iterations_before`/`iterations_after`, `changed_variables`, and
+        `iterations_before`/`iterations_after` (how often the optimizer was
+        applied: under `gradient_accumulation_steps` Keras' public
+        `iterations` counts only the updates), `changed_variables`, and
         `step_error` if a step raised.
 
     Raises:
@@ -177,6 +186,7 @@ def diagnose(
         optimizer = getattr(model, "optimizer", None)
     if loss is None and train_step is None:
         loss = getattr(model, "loss", None)
+    _check_steps_cover_updates(steps, optimizer)
 
     batches, x_all, y_all = _take_batches(data, batch_size, num_batches)
     _ensure_built(model, optimizer, batches[0], compiled=train_step is None)
@@ -220,6 +230,17 @@ def _check_counts(steps: Any, batch_size: Any, num_batches: Any) -> Tuple[int, i
         validation.check_int("batch_size", batch_size, minimum=1),
         validation.check_int("num_batches", num_batches, minimum=1),
     )
+
+
+def _check_steps_cover_updates(steps: int, optimizer: Any) -> None:
+    """Under gradient accumulation only every k-th step updates: `steps` must hold two updates."""
+    accumulation = _accumulation_steps(optimizer)
+    if accumulation and steps < 2 * accumulation:
+        raise ValueError(
+            f"`steps` must be an integer >= {2 * accumulation} (two updates) for an "
+            f"optimizer with gradient_accumulation_steps={accumulation}: the other "
+            f"steps only accumulate and leave the weights as they are. Received: steps={steps}"
+        )
 
 
 def _check_thresholds(min_step, max_step, input_scale, imbalance_ratio, min_improvement) -> Dict[str, float]:
@@ -496,7 +517,9 @@ class _CompiledSteps:
         parts = []
         for b in batches:
             data = tuple(p for p in (b.x, b.y, b.sample_weight) if p is not None)
-            data = data if len(data) > 1 else data[0]
+            # As in Keras' data adapters: a list of inputs is a structure,
+            # not one tensor to stack.
+            data = keras.tree.lists_to_tuples(data if len(data) > 1 else data[0])
             size = _leading_dim(b.x) or 1
             parts.append(tf.data.Dataset.from_tensor_slices(data).batch(size).repeat())
         order = tf.data.Dataset.range(steps).map(lambda i: i % len(parts))
@@ -508,6 +531,28 @@ class _CompiledSteps:
         self._model.make_train_function()
         self._model.reset_metrics()
         return self._model.train_function(self._iterator)
+
+
+@contextlib.contextmanager
+def _one_batch_per_call(model: Any):
+    """Makes `model.train_function` take one batch a call, then puts the model's own back.
+
+    A model compiled with `steps_per_execution=k` would take k batches per
+    call: the steps would no longer be the ones `steps` counts, and the
+    iterator of `steps` batches would run dry.
+    """
+    steps_per_execution = getattr(model, "steps_per_execution", 1)
+    if steps_per_execution == 1:
+        yield
+        return
+    train_function = model.train_function
+    model.steps_per_execution = 1
+    model.train_function = None
+    try:
+        yield
+    finally:
+        model.steps_per_execution = steps_per_execution
+        model.train_function = train_function
 
 
 def _positional_arity(fn: Callable[..., Any]) -> int:
@@ -570,46 +615,73 @@ def _run_steps(model, optimizer, train_step, loss, batches, steps, trainable) ->
     changed = np.zeros(len(trainable), bool)
     ratios = []
     compiled_step = _CompiledSteps(model, batches, steps) if train_step is None else None
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        try:
-            if compiled_step is not None:
-                out = compiled_step()
-            else:
-                out = _call_step(train_step, batch)
-        except Exception as error:  # pylint: disable=broad-except
-            trace.error = error
-            break
-        value = _scalar_loss(out)
-        if value is None:
-            value = _batch_loss(model, loss, batch)
-        if value is not None:
-            trace.losses.append(value)
-        trace.nonfinite_loss.append(value is not None and not math.isfinite(value))
-        trace.skipped.append(_guard_skipped(guard) - skipped_before)
-        current = [_numpy(v) for v in trainable]
-        ratios.append([_relative_step(a, b) for a, b in zip(previous, current)])
-        changed |= np.array(
-            [not np.array_equal(a, b, equal_nan=True) for a, b in zip(initial, current)], bool
-        )
-        if trace.nonfinite_weights_step is None:
-            bad = [p for p, c in zip(trainable, current) if not np.all(np.isfinite(c))]
-            if bad:
-                trace.nonfinite_weights_step = step + 1
-                trace.nonfinite_weights = tuple(_path(v) for v in bad)
-        previous = current
-        trace.steps = step + 1
+    batch_per_call = _one_batch_per_call(model) if compiled_step is not None else contextlib.nullcontext()
+    accumulation = _accumulation_steps(optimizer)
+    if accumulation:
+        trace.update_steps = []
+    with batch_per_call:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            if accumulation:
+                calls = _iterations(optimizer)
+                trace.update_steps.append(calls is not None and (calls + 1) % accumulation == 0)
+            try:
+                if compiled_step is not None:
+                    out = compiled_step()
+                else:
+                    out = _call_step(train_step, batch)
+            except Exception as error:  # pylint: disable=broad-except
+                trace.error = error
+                break
+            value = _scalar_loss(out)
+            if value is None:
+                value = _batch_loss(model, loss, batch)
+            if value is not None:
+                trace.losses.append(value)
+            trace.nonfinite_loss.append(value is not None and not math.isfinite(value))
+            trace.skipped.append(_guard_skipped(guard) - skipped_before)
+            current = [_numpy(v) for v in trainable]
+            ratios.append([_relative_step(a, b) for a, b in zip(previous, current)])
+            changed |= np.array(
+                [not np.array_equal(a, b, equal_nan=True) for a, b in zip(initial, current)], bool
+            )
+            if trace.nonfinite_weights_step is None:
+                bad = [p for p, c in zip(trainable, current) if not np.all(np.isfinite(c))]
+                if bad:
+                    trace.nonfinite_weights_step = step + 1
+                    trace.nonfinite_weights = tuple(_path(v) for v in bad)
+            previous = current
+            trace.steps = step + 1
     trace.iterations_after = _iterations(optimizer)
     trace.changed = changed
     trace.ratios = np.array(ratios, np.float64).reshape(len(ratios), len(trainable))
     return trace
 
 
+def _updating_optimizer(optimizer: Any) -> Any:
+    """The optimizer that writes the weights: the one inside a guard or a loss scaler."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _accumulation_steps(optimizer: Any) -> int:
+    """The updating optimizer's `gradient_accumulation_steps` (0: off)."""
+    return int(getattr(_updating_optimizer(optimizer), "gradient_accumulation_steps", None) or 0)
+
+
 def _iterations(optimizer: Any) -> Optional[int]:
+    """How many times the optimizer was applied.
+
+    Keras' `_iterations`: under gradient accumulation the public
+    `iterations` counts only the updates, and a step that accumulates still
+    calls `apply_gradients`.
+    """
     if optimizer is None:
         return None
+    updating = _updating_optimizer(optimizer)
     try:
-        return int(_numpy(optimizer.iterations))
+        return int(_numpy(getattr(updating, "_iterations", updating.iterations)))
     except Exception:  # pylint: disable=broad-except
         return None
 
@@ -716,8 +788,12 @@ def _update_findings(
         out.append(_no_update_finding(trace, len(paths), advanced))
         return out
 
+    ratios = trace.ratios
+    if trace.update_steps is not None:
+        # Gradient accumulation: the other steps leave the weights as they are.
+        ratios = ratios[np.array(trace.update_steps[:len(ratios)], bool)]
     moving = [i for i, c in enumerate(changed) if c]
-    medians = {i: _median(trace.ratios[:, i]) for i in moving}
+    medians = {i: _median(ratios[:, i]) for i in moving}
     normal = [i for i in moving if medians[i] >= min_step]
     unchanged = [i for i, c in enumerate(changed) if not c and paths[i] not in explained_by_guard]
     lr_suspect = any(

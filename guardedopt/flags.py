@@ -25,7 +25,7 @@ from typing import Any, Dict
 
 from absl import flags
 
-from guardedopt.optimizer import DEFAULTS, GuardedOptimizer
+from guardedopt.optimizer import DEFAULTS, GuardedOptimizer, validate_option
 from guardedopt.validation import IGNORE, POLICIES, RAISE, WARN
 
 FLAGS = flags.FLAGS
@@ -119,11 +119,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             getattr(flags, define)(
                 name, DEFAULTS[argument], help_text, flag_values=flag_values, **bounds
             )
-            if name == "guard_step_epsilon":
-                flags.register_validator(
-                    name, lambda value: value is None or value > 0,
-                    message="--guard_step_epsilon must be > 0.", flag_values=flag_values,
-                )
+            # The constructor's own check, at parse time: the bounds above
+            # are what `--help` shows, this catches the rest (inf, nan, > 0,
+            # integers past int64).
+            flags.register_validator(
+                name, _option_validator(name, argument),
+                message=f"--{name}: invalid value.", flag_values=flag_values,
+            )
             if name == "guard_max_step":
                 flags.register_multi_flags_validator(
                     ["guard_min_step", "guard_max_step"], _steps_ordered,
@@ -137,6 +139,18 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             "class_imbalance finding). Needs the loss wrapped with opt.weighted(loss).",
             flag_values=flag_values,
         )
+
+
+def _option_validator(name: str, argument: str):
+    def valid(value: Any) -> bool:
+        if value is None:
+            return True
+        try:
+            validate_option(argument, value)
+        except ValueError as error:
+            raise flags.ValidationError(str(error)) from None
+        return True
+    return valid
 
 
 def _steps_ordered(values: Dict[str, Any]) -> bool:

@@ -195,17 +195,43 @@ def _iterations(opt: Any) -> Optional[int]:
     return None if value is None else int(value)
 
 
+# Steps at which a schedule is read: a warm-up (Keras' `CosineDecay(0.0, ...,
+# warmup_target=...)`) starts at 0 and rises, so step 0 alone would call it
+# zero.
+_SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000)
+
+
+def _probe_text() -> str:
+    return ", ".join(str(s) for s in _SCHEDULE_PROBES)
+
+
+def _schedule_peak(schedule: Any) -> Tuple[int, Optional[float]]:
+    """`(step, rate)` of the highest rate at the probe steps (the first non-finite one wins)."""
+    best_step, best = 0, None
+    for step in _SCHEDULE_PROBES:
+        rate = _to_float(lambda: schedule(step))  # pylint: disable=cell-var-from-loop
+        if rate is None:
+            continue
+        if not math.isfinite(rate):
+            return step, rate
+        if best is None or rate > best:
+            best_step, best = step, rate
+    return best_step, best
+
+
 def _check_learning_rate(opt: Any) -> List[F.Finding]:
     name = _class_name(opt)
     schedule = _schedule(opt)
     lo, hi = usual_learning_rate(opt)
     if schedule is not None:
-        lr = _to_float(lambda: schedule(0))
+        peak_step, lr = _schedule_peak(schedule)
     else:
         lr = _to_float(getattr(opt, "learning_rate", None))
     if lr is None:
         return []
-    what = f"{name} learning_rate" + (" (schedule at step 0)" if schedule is not None else "")
+    what = f"{name} learning_rate"
+    if schedule is not None:
+        what += f" (schedule at step {peak_step}, its highest of steps {_probe_text()})"
     fix = f"use a learning rate in the usual range {lo:g}..{hi:g} for {name}"
     if not math.isfinite(lr) or lr <= 0:
         return [

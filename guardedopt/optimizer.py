@@ -459,36 +459,55 @@ def _assign_all(pairs):
     )
 
 
+# Base-optimizer settings that, assigned on a built or constructed guard, go to
+# the inner optimizer (`GuardedOptimizer.__setattr__`).
+_INNER_SETTINGS = frozenset((
+    "clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema",
+    "ema_momentum", "ema_overwrite_frequency", "gradient_accumulation_steps",
+))
+
+# The guard's counters are int64 in the compiled step.
+_MAX_COUNT = 2**63 - 1
+
+
+def _check_count(name):
+    return lambda value: check_int(name, value, minimum=1, maximum=_MAX_COUNT)
+
+
+_OPTION_CHECKS = dict(
+    none_gradient=lambda value: check_policy("none_gradient", value, _STEP_POLICIES),
+    zero_gradient=lambda value: check_policy("zero_gradient", value, _STEP_POLICIES),
+    nonfinite_gradient=lambda value: check_policy("nonfinite_gradient", value),
+    nonfinite_weights=lambda value: check_policy("nonfinite_weights", value),
+    tiny_step=lambda value: check_policy("tiny_step", value, _STEP_POLICIES),
+    large_step=lambda value: check_policy("large_step", value, _STEP_POLICIES),
+    min_step=lambda value: check_float("min_step", value, minimum=0.0),
+    max_step=lambda value: check_float("max_step", value, minimum=0.0, min_inclusive=False),
+    step_epsilon=lambda value: check_float("step_epsilon", value, minimum=0.0, min_inclusive=False),
+    patience=_check_count("patience"),
+    max_consecutive_skips=_check_count("max_consecutive_skips"),
+    check_every=_check_count("check_every"),
+    weights_check_every=_check_count("weights_check_every"),
+    log_interval_seconds=lambda value: check_float("log_interval_seconds", value, minimum=0.0),
+)
+
+
+def validate_option(name: str, value: Any) -> Any:
+    """Validates one of the guard's options alone; returns it normalised.
+
+    Raises:
+        ValueError: Naming the argument, what is allowed and the value received.
+    """
+    return _OPTION_CHECKS[name](value)
+
+
 def validate_options(**options) -> Dict[str, Any]:
     """Validates the guard's options; returns them normalised.
 
     Raises:
         ValueError: Naming the argument, what is allowed and the value received.
     """
-    valid = dict(
-        none_gradient=check_policy("none_gradient", options["none_gradient"], _STEP_POLICIES),
-        zero_gradient=check_policy("zero_gradient", options["zero_gradient"], _STEP_POLICIES),
-        nonfinite_gradient=check_policy("nonfinite_gradient", options["nonfinite_gradient"]),
-        nonfinite_weights=check_policy("nonfinite_weights", options["nonfinite_weights"]),
-        tiny_step=check_policy("tiny_step", options["tiny_step"], _STEP_POLICIES),
-        large_step=check_policy("large_step", options["large_step"], _STEP_POLICIES),
-        min_step=check_float("min_step", options["min_step"], minimum=0.0),
-        max_step=check_float("max_step", options["max_step"], minimum=0.0, min_inclusive=False),
-        step_epsilon=check_float(
-            "step_epsilon", options["step_epsilon"], minimum=0.0, min_inclusive=False
-        ),
-        patience=check_int("patience", options["patience"], minimum=1),
-        max_consecutive_skips=check_int(
-            "max_consecutive_skips", options["max_consecutive_skips"], minimum=1
-        ),
-        check_every=check_int("check_every", options["check_every"], minimum=1),
-        weights_check_every=check_int(
-            "weights_check_every", options["weights_check_every"], minimum=1
-        ),
-        log_interval_seconds=check_float(
-            "log_interval_seconds", options["log_interval_seconds"], minimum=0.0
-        ),
-    )
+    valid = {name: validate_option(name, options[name]) for name in _OPTION_CHECKS}
     if valid["max_step"] <= valid["min_step"]:
         raise ValueError(
             "`max_step` must be greater than `min_step`. Received: "
@@ -658,6 +677,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             setattr(self, option, value)
         self.inner_optimizer = inner
         self._set_class_balancer(class_weight)
+        # What a file saved before the first step holds, guarded or bare
+        # (`load_own_variables` skips such a file as Keras does).
+        self._unbuilt_variable_counts = (len(self.variables), len(inner.variables))
         self._none_gradient_paths: Dict[tuple, int] = {}
         self._log_times: Dict[tuple, tuple] = {}
         self._history: List[Dict[str, Any]] = []
@@ -676,7 +698,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             )
         try:
             inner = keras.optimizers.get(inner_optimizer)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, KeyError) as error:
             raise ValueError(
                 "`inner_optimizer` must be a keras.optimizers.Optimizer, an optimizer "
                 f"name or a config dict. Received: inner_optimizer={inner_optimizer!r} "
@@ -861,7 +883,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             # must see every one.
             type(self).loss_scale_factor.fset(self, value)
             return
+        if name in _INNER_SETTINGS and "inner_optimizer" in self.__dict__:
+            # The inner optimizer clips, decays and averages; the guard's own
+            # copies (set by Keras' constructor) are never read by its step.
+            setattr(self.inner_optimizer, name, value)
+            return
         super().__setattr__(name, value)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """The inner optimizer's `exclude_from_weight_decay` (it applies the decay)."""
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -1032,6 +1063,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # update alone, whatever wrote the weights between steps (set_weights,
         # a restore).
         previous = self._samples_before_update(variables, step) if self._measuring() else None
+        accumulating = self._accumulating_only() if self._measuring() else None
 
         # 3. The update itself, exactly as unguarded.
         scale_state = self._loss_scale_state()
@@ -1079,9 +1111,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             weights_bad = self._weights_nonfinite_seen(
                 step, weights_new, samples_new, positions, any_nonfinite, state
             )
+        unmeasured = tf.logical_or(grad_skip, any_nonfinite)
+        if accumulating is not None:
+            unmeasured = tf.logical_or(unmeasured, accumulating)
         measured = self._measure(
             step, grads, previous, samples_new, positions, present, zero,
-            tf.logical_or(grad_skip, any_nonfinite), state, norms_k=norms_k,
+            unmeasured, state, norms_k=norms_k,
         )
         any_weights_bad = tf.reduce_any(weights_bad)
 
@@ -1273,14 +1308,32 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             return nonfinite, zero
         return nonfinite, zero, total[2 * k:]
 
+    def _accumulating_only(self) -> Optional[tf.Tensor]:
+        """Whether the inner optimizer's update of this step only accumulates the gradients.
+
+        With `gradient_accumulation_steps=k` Keras moves the weights on every
+        k-th call (when `(_iterations + 1) % k == 0`, `_iterations` counting
+        the calls; the public `iterations` counts the updates); the other steps
+        are not measured, or the still weights would read as tiny steps.
+        None when the inner optimizer does not accumulate (the step's graph is
+        then as before).
+        """
+        inner = self.inner_optimizer.inner_optimizer if self._inner_is_loss_scale else self.inner_optimizer
+        steps = inner.gradient_accumulation_steps
+        if not steps:
+            return None
+        calls = tf.convert_to_tensor(_unwrap_value(inner._iterations))  # pylint: disable=protected-access
+        return tf.not_equal((calls + 1) % steps, 0)
+
     def _measure(self, step, grads, previous, samples_new, positions, present, zero,
-                 nonfinite_step, state, norms_k=None):
+                 unmeasured_step, state, norms_k=None):
         """The measuring checks (tiny, large, below resolution).
 
         The effective step `‖Δw‖/max(‖w‖, ε√n)` is computed on each variable's
         `checks.flat_sample` (all of a variable up to `checks.SAMPLE_SIZE`
         entries): `previous` is the sample read just before this update and
-        `samples_new` the one after it. `state`: the state views read
+        `samples_new` the one after it. `unmeasured_step`: the update was
+        skipped, non-finite or only accumulated. `state`: the state views read
         at the start of the step. `norms_k`: the gradient norms
         when already computed (and agreed across replicas).
 
@@ -1321,7 +1374,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
             ratio, norm = tf.cond(measure_now, measure_kept, lambda: (unmeasured, unmeasured))
         active = tf.logical_and(present, measure_now)
-        active = tf.logical_and(active, tf.logical_not(nonfinite_step))
+        active = tf.logical_and(active, tf.logical_not(unmeasured_step))
         # A zero gradient is reported by its own check; it is not a tiny step.
         moving = tf.logical_and(active, tf.logical_not(zero))
         # A relative step below the dtype's precision rounds away in most
@@ -1619,8 +1672,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         rows = self._history
         return dict(
             step=np.array([r["step"] for r in rows], np.int64),
-            step_ratio=np.array([r["step_ratio"] for r in rows], np.float32).reshape(-1, n),
-            grad_norm=np.array([r["grad_norm"] for r in rows], np.float32).reshape(-1, n),
+            step_ratio=np.array([r["step_ratio"] for r in rows], np.float32).reshape(len(rows), n),
+            grad_norm=np.array([r["grad_norm"] for r in rows], np.float32).reshape(len(rows), n),
             skipped=np.array([r["skipped"] for r in rows], np.int64),
             nonfinite=np.array([r["nonfinite"] for r in rows], bool),
         )
@@ -1793,8 +1846,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         A store saved from the bare inner optimizer (as many variables as the
         inner optimizer has) is loaded into the inner optimizer; the guard's
-        own state then starts afresh. An unbuilt optimizer or an empty store
-        keeps Keras' behaviour (a warning, nothing loaded).
+        own state then starts afresh. An unbuilt optimizer, an empty store or
+        a store saved before the first step (by this guard or the bare inner
+        optimizer) keeps Keras' behaviour (a warning, nothing loaded).
 
         Raises:
             ValueError: If the store matches neither this guard nor its inner
@@ -1822,6 +1876,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 self.inner_optimizer.name,
             )
             self.inner_optimizer.load_own_variables(store)
+            return
+        if saved in self._unbuilt_variable_counts:
+            logging.warning(
+                "guardedopt: skipping the optimizer state of %r: the file holds %d "
+                "variables, what this guard or its inner %s holds before its first "
+                "step (saved before training), so there is no state to load; this "
+                "guard has %d.",
+                self.name, saved, type(self.inner_optimizer).__name__, expected,
+            )
             return
         raise ValueError(
             f"Cannot load the optimizer state into GuardedOptimizer {self.name!r}: "
@@ -1887,6 +1950,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         for option in DEFAULTS:
             config[option] = getattr(self, option)
         if self.class_balancer is not None:
+            # Serialized twice: inside a `.keras` save (Keras'
+            # ObjectSharingScope) the second call marks the balancer as shared
+            # in the config it returns, which Keras copies into the file; the
+            # loss of `opt.weighted(loss)` gets the same mark, so after loading
+            # both hold one balancer again. Elsewhere the two calls are equal.
+            keras.saving.serialize_keras_object(self.class_balancer)
             config["class_weight"] = keras.saving.serialize_keras_object(self.class_balancer)
         else:
             config["class_weight"] = None

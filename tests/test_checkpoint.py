@@ -100,6 +100,34 @@ def test_keras_file_of_bare_optimizer_loads_into_guard(tmp_path, caplog):
     assert _bits(bare.weights) == _bits(guarded.weights)
 
 
+@pytest.mark.parametrize("saved_with", ("guard", "bare"))
+def test_keras_file_saved_before_the_first_step_loads(tmp_path, caplog, saved_with):
+    # An "epoch 0" snapshot holds the optimizer unbuilt (4 variables guarded,
+    # 2 bare). Loaded into a built guard it was refused as "a different
+    # optimizer"; Keras loads such a file into the bare optimizer with a
+    # warning and no optimizer state.
+    unbuilt = guardedopt.GuardedOptimizer(_bare_adam()) if saved_with == "guard" else _bare_adam()
+    path = str(tmp_path / "epoch0.keras")
+    resume.make_model(unbuilt).save(path)
+
+    with caplog.at_level(logging.WARNING):
+        loaded = keras.models.load_model(path) if saved_with == "guard" else None
+        if loaded is None:
+            loaded = resume.make_model()
+            loaded.optimizer.build(loaded.trainable_variables)
+            loaded.load_weights(path)
+    guard = loaded.optimizer
+    assert isinstance(guard, guardedopt.GuardedOptimizer)
+    assert "saved before training" in caplog.text
+    assert int(guard.guard_step.numpy()) == 0 and int(guard.iterations.numpy()) == 0
+    # It trains as a fresh guard does, bit for bit.
+    fresh = resume.make_model()
+    resume.train(fresh, clean=True)
+    resume.train(loaded, clean=True)
+    assert _bits(loaded.weights) == _bits(fresh.weights)
+    assert _bits(guard.inner_optimizer.variables) == _bits(fresh.optimizer.inner_optimizer.variables)
+
+
 def test_keras_file_of_guard_into_bare_optimizer_warns(tmp_path):
     """Keras' own optimizer loading skips a store of another size with a
     warning; the README says how to drop the guard (load it guarded, then

@@ -835,6 +835,35 @@ def test_keras_save_and_load(tmp_path):
     )
 
 
+@pytest.mark.parametrize("jit_compile", (False, True))
+def test_guard_class_weight_reloaded_from_keras_file_keeps_one_balancer(tmp_path, jit_compile):
+    # The loss of `opt.weighted(...)` and the optimizer came back with a
+    # balancer each: the loss counted from zero, the optimizer's restored
+    # counts froze, and the report showed them.
+    x, y = _toy()
+    keras.utils.set_random_seed(0)
+    model = _mlp()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2), class_weight="auto")
+    model.compile(opt, opt.weighted("sparse_categorical_crossentropy"), jit_compile=jit_compile)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+
+    loaded = keras.models.load_model(path)
+    balancer = loaded.optimizer.class_balancer
+    assert loaded.loss.balancer is balancer
+    np.testing.assert_array_equal(balancer.counts(), np.bincount(y, minlength=4))
+    loaded.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    np.testing.assert_array_equal(balancer.counts(), 2 * np.bincount(y, minlength=4))
+    # Trained on exactly as the model that was never saved.
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for saved, resumed in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(resumed.numpy(), saved.numpy(), rtol=1e-6, atol=1e-7)
+    # A loss and an optimizer deserialized outside a file stay apart.
+    config = keras.saving.serialize_keras_object(loaded.loss)
+    assert keras.saving.deserialize_keras_object(config).balancer is not balancer
+
+
 # ---------------------------------------------------------------------------
 # End to end: imbalanced digits.
 # ---------------------------------------------------------------------------

@@ -483,3 +483,68 @@ def test_diagnose_leaves_no_label_counts_in_a_lazily_built_class_balancer():
     guardedopt.diagnose(model, (x, y), steps=3)
     assert opt.class_balancer.built
     np.testing.assert_array_equal(opt.class_balancer.counts(), np.zeros(3))
+
+
+# ------------------------------------------- model set-ups fit takes as well
+@pytest.mark.parametrize("wrap", (False, True), ids=("bare", "guarded"))
+def test_steps_per_execution_model_is_diagnosed_one_batch_a_step(digits, wrap):
+    # Compiled with steps_per_execution=4, each train_function call took four
+    # batches: the iterator of `steps` batches ran dry (StopIteration).
+    x, y = digits
+    model = mlp()
+    optimizer = GuardedOptimizer(keras.optimizers.Adam(1e-3)) if wrap else keras.optimizers.Adam(1e-3)
+    model.compile(optimizer, "sparse_categorical_crossentropy", steps_per_execution=4)
+    model.fit(x, y, epochs=1, verbose=0)
+    before = all_state(model, optimizer)
+    report = diagnose(model, digits, steps=12)
+    assert report.ok, str(report)
+    assert report.steps == 12
+    assert report.stats["iterations_after"] - report.stats["iterations_before"] == 12
+    assert_bit_identical(before, all_state(model, optimizer))
+    assert model.steps_per_execution == 4
+    iterations = int(optimizer.iterations.numpy())
+    model.fit(x[:128], y[:128], batch_size=32, epochs=1, verbose=0)
+    assert int(optimizer.iterations.numpy()) == iterations + 4
+
+
+def test_inputs_given_as_a_list_are_a_structure_not_one_tensor(digits):
+    # `[x1, x2]` was stacked into one tensor: "Can't convert non-rectangular
+    # Python sequence to Tensor".
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    left, right = keras.Input((40,)), keras.Input((24,))
+    hidden = L.Dense(16, activation="relu")(L.Concatenate()([left, right]))
+    model = keras.Model([left, right], L.Dense(10, activation="softmax")(hidden))
+    model.compile(GuardedOptimizer(keras.optimizers.Adam(1e-3)), "sparse_categorical_crossentropy")
+    report = diagnose(model, ([x[:, :40], x[:, 40:]], y))
+    assert report.ok, str(report)
+    assert report.steps == 20
+
+
+def test_model_without_trainable_weights_is_frozen_not_a_crash(digits):
+    # With a guard, the history of zero variables failed to reshape.
+    model = keras.Sequential([keras.Input((64,)), L.Dense(10, activation="softmax", trainable=False)])
+    model.compile(GuardedOptimizer(keras.optimizers.Adam(1e-3)), "sparse_categorical_crossentropy")
+    report = diagnose(model, digits, steps=3)
+    assert F.FROZEN_VARIABLES in report.codes
+    assert report.by_code(F.FROZEN_VARIABLES)[0].severity == F.ERROR
+
+
+def test_gradient_accumulation_is_not_a_tiny_step(digits):
+    # Three of four steps only accumulate and leave the weights as they are:
+    # their zero steps made the median a tiny step.
+    model = mlp()
+    model.compile(keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4), "sparse_categorical_crossentropy")
+    report = diagnose(model, digits, steps=20)
+    assert report.ok, str(report)
+    # Counted in applications, not in Keras' updates (5).
+    assert report.stats["iterations_after"] - report.stats["iterations_before"] == 20
+
+
+def test_gradient_accumulation_longer_than_the_steps_is_a_value_error(digits):
+    # 20 steps of 32-step accumulation update nothing: once read as a missing
+    # apply_gradients call, then as a loss that does not decrease.
+    model = mlp()
+    model.compile(keras.optimizers.Adam(1e-3, gradient_accumulation_steps=32), "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"`steps` must be an integer >= 64 \(two updates\) .*Received: steps=20"):
+        diagnose(model, digits, steps=20)

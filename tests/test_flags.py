@@ -80,7 +80,14 @@ def test_command_line_values_reach_the_kwargs(fv):
         ("--guard_nonfinite=explode", r"value should be one of <ignore\|warn\|skip\|raise>"),
         ("--guard_zero_gradient=skip", r"value should be one of <ignore\|warn\|raise>"),
         ("--guard_class_weight=heavy", r"value should be one of <none\|observe\|auto\|balanced\|effective_number>"),
-        ("--guard_step_epsilon=0", r"--guard_step_epsilon must be > 0"),
+        ("--guard_step_epsilon=0", r"flag --guard_step_epsilon=0.0: `step_epsilon` must be a finite float > 0"),
+        # Within the flags' bounds, outside what the constructor takes: caught
+        # at parse time too, with the constructor's message.
+        ("--guard_max_step=inf", r"flag --guard_max_step=inf: `max_step` must be a finite float > 0\. Received: max_step=inf"),
+        ("--guard_step_epsilon=inf", r"`step_epsilon` must be a finite float > 0\. Received: step_epsilon=inf"),
+        ("--guard_log_interval_seconds=nan", r"`log_interval_seconds` must be a finite float >= 0\. Received: log_interval_seconds=nan"),
+        ("--guard_min_step=nan", r"`min_step` must be a finite float >= 0\. Received: min_step=nan"),
+        ("--guard_patience=99999999999999999999", r"`patience` must be an integer >= 1 and <= 9223372036854775807"),
     ],
 )
 def test_bound_and_enum_violations_are_rejected_at_parse(fv, argument, message):

@@ -138,7 +138,25 @@ def test_schedule_decayed_to_zero_at_current_iteration():
 def test_schedule_with_bad_initial_rate():
     schedule = keras.optimizers.schedules.CosineDecay(1e-10, decay_steps=100)
     finding = only(check_hyperparameters(keras.optimizers.Adam(learning_rate=schedule)), "learning_rate")
-    assert "(schedule at step 0)=1e-10" in finding.message
+    assert "(schedule at step 0, its highest of steps 0, 1, 10, 100, 1000, 10000)=1e-10" in finding.message
+
+
+def test_warmup_schedule_from_zero_is_judged_by_its_peak():
+    # Keras' documented warm-up starts at 0: read at step 0 alone it was an
+    # ERROR ("no step moves the weights") on a model that trains.
+    warmup = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1000, warmup_target=1e-3, warmup_steps=20
+    )
+    assert check_hyperparameters(keras.optimizers.Adam(learning_rate=warmup)) == []
+    # A warm-up to a target that is itself far too small is still named, at its peak.
+    tiny = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1000, warmup_target=1e-10, warmup_steps=20
+    )
+    finding = only(check_hyperparameters(keras.optimizers.Adam(learning_rate=tiny)), "learning_rate")
+    assert finding.severity == F.WARNING
+    peak = float(tiny(100))  # past the warm-up, decaying from 1e-10
+    assert f"(schedule at step 100, its highest of steps 0, 1, 10, 100, 1000, 10000)={peak:g}" in finding.message
+    assert finding.value == pytest.approx(peak)
 
 
 def test_callable_learning_rate():

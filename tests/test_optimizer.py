@@ -277,6 +277,33 @@ def test_tiny_learning_rate_is_below_float32_resolution(mode):
     assert all(n >= 1 for p, n in found.details["below_resolution_steps"].items() if p in kernels)
 
 
+@pytest.mark.parametrize("mode", ("graph", "xla"))
+def test_gradient_accumulation_steps_are_not_tiny_steps(mode):
+    # Seven of eight steps only accumulate: the weights stay, and those steps
+    # were measured as steps of 0, so a healthy run reported tiny_step.
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2, gradient_accumulation_steps=8), patience=3)
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
+    for _ in range(32):
+        step()
+    assert int(opt.iterations.numpy()) == 4
+    assert opt.report().by_code(F.TINY_STEP) == []
+    assert all(0 < r < 1 for r in opt.last_step_ratio.numpy())  # the updates were measured
+
+
+@pytest.mark.parametrize("mode", ("graph", "xla"))
+def test_tiny_updates_under_gradient_accumulation_are_still_found(mode):
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-10, gradient_accumulation_steps=4), patience=3)
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
+    for _ in range(16):
+        step()
+    found = opt.report().by_code(F.TINY_STEP)[0]
+    assert found.first_step == 12  # the third update (steps 4, 8, 12)
+
+
 def test_large_step_is_reported_with_the_measured_ratio():
     model = mlp()
     x, y = classification_data()
@@ -416,6 +443,53 @@ def test_step_has_no_host_sync_ops():
     assert not op_types & {"PyFunc", "EagerPyFunc", "PrintV2", "Assert", "CheckNumerics", "CheckNumericsV2"}
 
 
+SETTINGS_SET_AFTER_CONSTRUCTION = {
+    "exclude_from_weight_decay": lambda opt: opt.exclude_from_weight_decay(var_names=["bias"]),
+    "clipnorm": lambda opt: setattr(opt, "clipnorm", 1e-3),
+    "global_clipnorm": lambda opt: setattr(opt, "global_clipnorm", 1e-3),
+    "clipvalue": lambda opt: setattr(opt, "clipvalue", 1e-4),
+    "weight_decay": lambda opt: setattr(opt, "weight_decay", 0.0),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS_SET_AFTER_CONSTRUCTION))
+def test_base_settings_made_on_the_guard_reach_the_inner_optimizer(setting):
+    # They were kept on the guard, which never reads them: the step ran as if
+    # they had not been made.
+    def train(guarded):
+        model = mlp()
+        inner = keras.optimizers.AdamW(1e-2, weight_decay=0.5)
+        opt = guardedopt.GuardedOptimizer(inner) if guarded else inner
+        SETTINGS_SET_AFTER_CONSTRUCTION[setting](opt)
+        x, y = classification_data()
+        step = make_step(model, opt, tf.constant(x), tf.constant(y), "graph")
+        for _ in range(3):
+            step()
+        return state_of(model, inner)
+
+    def untouched():
+        model = mlp()
+        inner = keras.optimizers.AdamW(1e-2, weight_decay=0.5)
+        x, y = classification_data()
+        step = make_step(model, inner, tf.constant(x), tf.constant(y), "graph")
+        for _ in range(3):
+            step()
+        return state_of(model, inner)
+
+    bare = train(guarded=False)
+    assert not bitwise_equal(bare, untouched())  # the setting changes the numbers
+    assert bitwise_equal(train(guarded=True), bare)
+
+
+def test_report_of_a_guard_built_on_no_variables():
+    # A frozen model: the history of zero variables failed to reshape.
+    opt = guardedopt.GuardedOptimizer("adam")
+    opt.build([])
+    report = opt.report()
+    assert report.steps == 0 and report.findings == []
+    assert report.stats["history"]["step_ratio"].shape[1] == 0
+
+
 def test_delegates_learning_rate_iterations_and_variables():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
     inner = keras.optimizers.SGD(schedule)
@@ -447,19 +521,27 @@ def test_accepts_instance_string_and_config_dict():
         (dict(min_step=-1), "`min_step` must be a finite float >= 0. Received: min_step=-1"),
         (dict(max_step=0), "`max_step` must be a finite float > 0. Received: max_step=0"),
         (dict(min_step=0.5, max_step=0.1), "`max_step` must be greater than `min_step`"),
-        (dict(patience=0), "`patience` must be an integer >= 1. Received: patience=0"),
-        (dict(check_every=2.5), "`check_every` must be an integer >= 1. Received: check_every=2.5"),
-        (dict(weights_check_every=0), "`weights_check_every` must be an integer >= 1. Received: weights_check_every=0"),
+        (dict(patience=0), "`patience` must be an integer >= 1 and <= 9223372036854775807. Received: patience=0"),
+        (dict(check_every=2.5), "`check_every` must be an integer >= 1 and <= 9223372036854775807. Received: check_every=2.5"),
+        (dict(weights_check_every=0), "`weights_check_every` must be an integer >= 1 and <= 9223372036854775807. Received: weights_check_every=0"),
         (dict(nonfinite_gradient="drop"), "`nonfinite_gradient` must be one of 'ignore', 'warn', 'skip', 'raise'. Received: nonfinite_gradient='drop'"),
         (dict(tiny_step="skip"), "`tiny_step` must be one of 'ignore', 'warn', 'raise'. Received: tiny_step='skip'"),
         (dict(max_consecutive_skips=0), "`max_consecutive_skips` must be an integer >= 1"),
         (dict(step_epsilon=float("nan")), "`step_epsilon` must be a finite float > 0"),
         (dict(clipnorm=1.0), "set them on the inner optimizer"),
+        # The guard's counters are int64: 2**63 failed at the first step.
+        (dict(patience=2**63), "`patience` must be an integer >= 1 and <= 9223372036854775807. Received: patience=9223372036854775808"),
+        # Keras' fit(class_weight=) format, and an empty dict: a TypeError, and
+        # silently the "balanced" default.
+        (dict(class_weight={0: 1.0, 1: 5.0}), "`class_weight` given as a dict must be a ClassBalancer config"),
+        (dict(class_weight={}), "Received: class_weight={}. Fixed per-class weights ({class_id: weight}) belong in `model.fit(class_weight=...)`"),
+        (dict(inner_optimizer={}), "`inner_optimizer` must be a keras.optimizers.Optimizer, an optimizer name or a config dict. Received: inner_optimizer={}"),
     ],
 )
 def test_bad_configuration_raises_clear_value_error(kwargs, message):
+    kwargs = dict(dict(inner_optimizer="adam"), **kwargs)
     with pytest.raises(ValueError) as info:
-        guardedopt.GuardedOptimizer("adam", **kwargs)
+        guardedopt.GuardedOptimizer(**kwargs)
     assert message in str(info.value)
 
 
