@@ -36,7 +36,10 @@ class GuardCallback(keras.callbacks.Callback):
     Args:
         log_dir: If set, TensorBoard summaries (guard counters, per-variable
             effective step and gradient norm) are written there.
-        summary_every: Write summaries every N batches (int >= 1).
+        summary_every: Write summaries every N steps (int >= 1): at the end of
+            the first batch at or past each multiple of N, so with
+            `steps_per_execution=k` once per N steps too (at the next multiple
+            of k).
         histograms: Also write histograms of the per-variable step ratios.
 
     Raises:
@@ -53,6 +56,7 @@ class GuardCallback(keras.callbacks.Callback):
         self.histograms = bool(histograms)
         self._guard = None
         self._writer = None
+        self._summary_block = 0  # guard_step // summary_every at the last write
 
     def on_train_begin(self, logs=None):
         optimizer = getattr(self.model, "optimizer", None)
@@ -70,6 +74,8 @@ class GuardCallback(keras.callbacks.Callback):
             from guardedopt import summaries
 
             self._writer = summaries.SummaryWriter(self.log_dir, histograms=self.histograms)
+            step = int(self._guard.guard_step.numpy()) if self._guard.built else 0
+            self._summary_block = step // self.summary_every
 
     def on_train_batch_end(self, batch, logs=None):
         guard = self._guard
@@ -79,7 +85,11 @@ class GuardCallback(keras.callbacks.Callback):
         state = guard._last_state
         if logs is not None:
             logs["guard_skipped"] = int(state["skipped_steps_total"])
-        if self._writer is not None and int(state["guard_step"]) % self.summary_every == 0:
+        # Once per multiple of `summary_every` passed: with
+        # `steps_per_execution` the batch ends land on every k-th step only.
+        block = int(state["guard_step"]) // self.summary_every
+        if self._writer is not None and block > self._summary_block:
+            self._summary_block = block
             self._writer.write(guard, state)
 
     def on_train_end(self, logs=None):

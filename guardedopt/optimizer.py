@@ -466,6 +466,11 @@ _INNER_SETTINGS = frozenset((
     "ema_momentum", "ema_overwrite_frequency", "gradient_accumulation_steps",
 ))
 
+# Keras 3.15+ (absent before): optimizers that dispatch variables to others.
+_MULTI_OPTIMIZERS = tuple(
+    c for c in (getattr(keras.optimizers, "MultiOptimizer", None),) if c is not None
+)
+
 # The guard's counters are int64 in the compiled step.
 _MAX_COUNT = 2**63 - 1
 
@@ -925,7 +930,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     # (seconds per trace) for no benefit.
     @tf.autograph.experimental.do_not_convert
     def apply(self, grads, trainable_variables=None):
-        grads = list(grads)
+        # NumPy arrays (which Keras' own apply accepts) as tensors: the checks
+        # read static shapes.
+        grads = [
+            g if g is None or tf.is_tensor(g) or isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g)
+            for g in grads
+        ]
         if trainable_variables is None:
             if not self.built:
                 raise ValueError(
@@ -964,6 +974,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                     "optimizer guards one model: create a new GuardedOptimizer for "
                     "each model."
                 )
+
+    def _inner_apply(self, grads, variables):
+        """The inner optimizer's `apply` of the pairs the guard kept.
+
+        A `keras.optimizers.MultiOptimizer` takes one gradient per variable
+        it was built on: the pairs dropped for a None gradient go back in as
+        None, which its sub-optimizers skip, as they do unguarded.
+        """
+        inner = self.inner_optimizer
+        if isinstance(inner, _MULTI_OPTIMIZERS):
+            given = {inner._var_key(v): g for g, v in zip(grads, variables)}  # pylint: disable=protected-access
+            variables = list(inner._trainable_variables)  # pylint: disable=protected-access
+            grads = [given.get(inner._var_key(v)) for v in variables]  # pylint: disable=protected-access
+        inner.apply(grads, variables)
 
     def _drop_none_gradients(self, grads, variables):
         """Static None-gradient check; returns the (gradient, variable) pairs kept."""
@@ -1098,7 +1122,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         else:
             weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
             inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
-            self.inner_optimizer.apply(grads, variables)
+            self._inner_apply(grads, variables)
 
         # 4. Checks on the result.
         weights_new = [_unwrap_value(v).read_value() for v in variables]
@@ -1196,11 +1220,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         """
         if tf.executing_eagerly() or _in_xla_context():
             with _writes_masked(list(variables) + self.inner_optimizer.variables, skip):
-                self.inner_optimizer.apply(grads, variables)
+                self._inner_apply(grads, variables)
             return
 
         def update():
-            self.inner_optimizer.apply(grads, variables)
+            self._inner_apply(grads, variables)
             return tf.constant(True)
 
         tf.cond(skip, lambda: tf.constant(False), update)
@@ -1681,7 +1705,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _learning_rate_value(self) -> Optional[float]:
         try:
             return float(keras.ops.convert_to_numpy(self.learning_rate))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):
+            # AttributeError: a MultiOptimizer has a rate per sub-optimizer.
             return None
 
     def _step_findings(self, state) -> List[F.Finding]:

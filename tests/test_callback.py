@@ -35,6 +35,18 @@ def test_writes_counters_and_per_variable_figures(tmp_path):
     assert "guard/step_ratio" in tags
 
 
+def test_summaries_every_n_steps_also_with_steps_per_execution(tmp_path):
+    # Batch ends come every 3 steps: `guard_step % 4 == 0` held at 12 and 24
+    # only, one summary per lcm(3, 4) steps.
+    x, y = classification_data(16 * 12)
+    model = mlp()
+    model.compile(optimizer=guardedopt.GuardedOptimizer("adam"), loss=LOSS, steps_per_execution=3)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+              callbacks=[guardedopt.GuardCallback(log_dir=str(tmp_path), summary_every=4)])
+    # The first batch end at or past each multiple of 4, over 24 steps.
+    assert _tags(tmp_path)["guard/skipped_steps_total"] == [6, 9, 12, 18, 21, 24]
+
+
 def test_finds_guard_inside_loss_scale_optimizer_and_rejects_bare():
     guard = guardedopt.GuardedOptimizer("adam")
     assert find_guard(keras.optimizers.LossScaleOptimizer(guard)) is guard

@@ -481,6 +481,74 @@ def test_base_settings_made_on_the_guard_reach_the_inner_optimizer(setting):
     assert bitwise_equal(train(guarded=True), bare)
 
 
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+def test_numpy_gradients_are_applied_as_the_bare_optimizer_applies_them(dtype):
+    # Keras' apply takes NumPy arrays; the guard's checks read `.shape` as a
+    # TensorShape and failed on the tuple.
+    def train(guarded):
+        model = mlp()
+        inner = keras.optimizers.Adam(1e-2)
+        opt = guardedopt.GuardedOptimizer(inner) if guarded else inner
+        x, y = classification_data()
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, model(x))
+            grads = [g.numpy().astype(dtype) for g in tape.gradient(loss, model.trainable_variables)]
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        return state_of(model, inner)
+
+    assert bitwise_equal(train(guarded=True), train(guarded=False))
+
+
+def _multi_optimizer_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    # A variable the loss does not reach: its gradient is None every step.
+    model.unused = model.add_weight(shape=(2,), initializer="ones", name="unused")
+    return model
+
+
+def _multi_optimizer():
+    optimizers = keras.optimizers
+    return optimizers.MultiOptimizer(
+        optimizers.OptimizerMap(optimizers.SGD(0.05), {".*head.*": optimizers.Adam(1e-2)})
+    )
+
+
+@pytest.mark.skipif(not hasattr(keras.optimizers, "MultiOptimizer"), reason="Keras < 3.15")
+@pytest.mark.parametrize("jit_compile", (False, True))
+def test_multi_optimizer_with_a_none_gradient_fits_and_skips_exactly(jit_compile):
+    # MultiOptimizer.apply takes one gradient per variable it was built on:
+    # the guard dropped the None one ("Gradients must match trainable
+    # variables one-to-one"), and report() failed on its learning_rate.
+    x, y = classification_data(n=48)
+    poisoned = x.copy()
+    poisoned[20] = np.nan  # batch 2 of 3
+
+    def train(guarded, data):
+        model = _multi_optimizer_model()
+        inner = _multi_optimizer()
+        opt = guardedopt.GuardedOptimizer(inner, none_gradient="ignore") if guarded else inner
+        model.compile(opt, LOSS, jit_compile=jit_compile)
+        callbacks = [guardedopt.GuardCallback()] if guarded else []
+        model.fit(data, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        return model, opt
+
+    guarded, opt = train(True, poisoned)
+    assert int(opt.skipped_steps_total.numpy()) == 1
+    assert opt.report().by_code(F.NONFINITE_GRADIENT)[0].first_step == 2
+    # The reference never sees the poisoned batch: batches 1 and 3 only.
+    reference = _multi_optimizer_model()
+    inner = _multi_optimizer()
+    reference.compile(inner, LOSS, jit_compile=jit_compile)
+    keep = np.r_[0:16, 32:48]
+    reference.fit(x[keep], y[keep], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert bitwise_equal([w.numpy() for w in guarded.weights], [w.numpy() for w in reference.weights])
+    assert int(opt.iterations.numpy()) == int(inner.iterations.numpy()) == 2
+
+
 def test_report_of_a_guard_built_on_no_variables():
     # A frozen model: the history of zero variables failed to reshape.
     opt = guardedopt.GuardedOptimizer("adam")
