@@ -1120,7 +1120,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 )
             self._apply_unless(mask, grads, variables)
         else:
-            weights_old = [tf.identity(_unwrap_value(v)) for v in variables]
+            written = list(variables) + self._overwritten_by_ema(variables)
+            weights_old = [tf.identity(_unwrap_value(v)) for v in written]
             inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
             self._inner_apply(grads, variables)
 
@@ -1163,7 +1164,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self._restore(
                 tf.logical_or(skip_before, overflow),
                 skip_after,
-                list(zip(variables, weights_old)) + list(zip(inner_vars, inner_old)),
+                list(zip(written, weights_old)) + list(zip(inner_vars, inner_old)),
             )
         scale_updates = self._loss_scale_updates(scale_state, scale_old, skip, overflow)
 
@@ -1208,6 +1209,20 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         updates += scale_updates
         _assign_all(updates)
 
+    def _overwritten_by_ema(self, variables) -> list:
+        """Weights the inner update writes besides `variables`.
+
+        With `use_ema` and `ema_overwrite_frequency` Keras overwrites every
+        variable the optimizer was built on with its moving average, also
+        those without a gradient in this step (a frozen layer, a head not
+        trained this step): a skipped step must leave them as they were too.
+        """
+        inner = self.inner_optimizer.inner_optimizer if self._inner_is_loss_scale else self.inner_optimizer
+        if not (getattr(inner, "use_ema", False) and getattr(inner, "ema_overwrite_frequency", None)):
+            return []
+        given = {inner._var_key(v) for v in variables}  # pylint: disable=protected-access
+        return [v for v in inner._trainable_variables if inner._var_key(v) not in given]  # pylint: disable=protected-access
+
     def _apply_unless(self, skip, grads, variables):
         """The inner update, leaving every weight and inner variable as it was where `skip`.
 
@@ -1219,7 +1234,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         same kernels as unguarded, so the same bits.
         """
         if tf.executing_eagerly() or _in_xla_context():
-            with _writes_masked(list(variables) + self.inner_optimizer.variables, skip):
+            written = list(variables) + self._overwritten_by_ema(variables)
+            with _writes_masked(written + self.inner_optimizer.variables, skip):
                 self._inner_apply(grads, variables)
             return
 
