@@ -857,6 +857,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     @property
+    def _model_variables_moving_average(self):
+        # Keras' SwapEMAWeights unwraps one optimizer level (a loss scaler):
+        # under "mixed_float16" that is this guard, so it finds the EMA
+        # optimizer's averages here. AttributeError without EMA, as Keras'.
+        inner = self.__dict__.get("inner_optimizer")
+        if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+            inner = inner.inner_optimizer
+        if inner is None:
+            raise AttributeError("_model_variables_moving_average")
+        return inner._model_variables_moving_average  # pylint: disable=protected-access
+
+    @property
     def loss_scale_factor(self):
         inner = self.__dict__.get("inner_optimizer")
         return None if inner is None else inner.loss_scale_factor

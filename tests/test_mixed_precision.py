@@ -89,6 +89,27 @@ def test_compile_guard_is_transparent(policy):
     assert guard.report().ok
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"], indirect=True)
+def test_swap_ema_weights_callback_finds_the_averages_through_the_guard(policy):
+    # Keras' SwapEMAWeights unwraps one level: under mixed_float16 that is
+    # LossScaleOptimizer -> guard, which had no averages ("SwapEMAWeights
+    # must be used when `use_ema=True`").
+    x, y = _data()
+
+    def fit(optimizer):
+        model = _model()
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, validation_data=(x, y), callbacks=[swap])
+        return model
+
+    bare = fit(keras.optimizers.Adam(1e-2, use_ema=True))
+    guarded = fit(guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2, use_ema=True)))
+    assert isinstance(guarded.optimizer, LSO) == (policy == "mixed_float16")
+    assert _same_bits(bare.weights, guarded.weights)
+    assert not _same_bits(bare.weights, _fit(keras.optimizers.Adam(1e-2, use_ema=True), x, y).weights)  # it swapped
+
+
 @pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
 def test_inner_order_overflows_are_counted_not_reported(policy):
     """Natural float16 overflows (initial scale 2**30): counted, skipped by the
