@@ -736,6 +736,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _inner_is_loss_scale(self) -> bool:
         return isinstance(self.inner_optimizer, keras.optimizers.LossScaleOptimizer)
 
+    @property
+    def _updating_optimizer(self):
+        """The optimizer that writes the weights: the inner one, or the one in its loss scaler."""
+        inner = self.inner_optimizer
+        return inner.inner_optimizer if isinstance(inner, keras.optimizers.LossScaleOptimizer) else inner
+
     def build(self, var_list):
         """Builds the inner optimizer and the guard's state variables."""
         if self.built:
@@ -861,12 +867,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # Keras' SwapEMAWeights unwraps one optimizer level (a loss scaler):
         # under "mixed_float16" that is this guard, so it finds the EMA
         # optimizer's averages here. AttributeError without EMA, as Keras'.
-        inner = self.__dict__.get("inner_optimizer")
-        if isinstance(inner, keras.optimizers.LossScaleOptimizer):
-            inner = inner.inner_optimizer
-        if inner is None:
+        if "inner_optimizer" not in self.__dict__:
             raise AttributeError("_model_variables_moving_average")
-        return inner._model_variables_moving_average  # pylint: disable=protected-access
+        return self._updating_optimizer._model_variables_moving_average  # pylint: disable=protected-access
 
     @property
     def loss_scale_factor(self):
@@ -1229,7 +1232,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         those without a gradient in this step (a frozen layer, a head not
         trained this step): a skipped step must leave them as they were too.
         """
-        inner = self.inner_optimizer.inner_optimizer if self._inner_is_loss_scale else self.inner_optimizer
+        inner = self._updating_optimizer
         if not (getattr(inner, "use_ema", False) and getattr(inner, "ema_overwrite_frequency", None)):
             return []
         given = {inner._var_key(v) for v in variables}  # pylint: disable=protected-access
@@ -1370,7 +1373,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         None when the inner optimizer does not accumulate (the step's graph is
         then as before).
         """
-        inner = self.inner_optimizer.inner_optimizer if self._inner_is_loss_scale else self.inner_optimizer
+        inner = self._updating_optimizer
         steps = inner.gradient_accumulation_steps
         if not steps:
             return None
