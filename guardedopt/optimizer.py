@@ -140,6 +140,11 @@ def _unwrap_value(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+def _stored_shapes(store) -> List[tuple]:
+    """The shapes of a `save_own_variables` store's values, in order (h5py datasets or arrays)."""
+    return [tuple(np.shape(store[str(i)])) for i in range(len(store.keys()))]
+
+
 def _host_read(variable) -> np.ndarray:
     """A variable's value on the host, from one read op where that is exact.
 
@@ -1900,11 +1905,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def load_own_variables(self, store):
         """Loads the optimizer state saved by `save_own_variables` (`.keras` files).
 
-        A store saved from the bare inner optimizer (as many variables as the
-        inner optimizer has) is loaded into the inner optimizer; the guard's
-        own state then starts afresh. An unbuilt optimizer, an empty store or
-        a store saved before the first step (by this guard or the bare inner
-        optimizer) keeps Keras' behaviour (a warning, nothing loaded).
+        A store saved from the bare inner optimizer (the inner optimizer's
+        variables, shape for shape) is loaded into the inner optimizer; the
+        guard's own state then starts afresh. An unbuilt optimizer, an empty
+        store or a store saved before the first step (by this guard or the bare
+        inner optimizer: as many scalars as either holds unbuilt, iterations
+        and learning rates) keeps Keras' behaviour (a warning, nothing loaded).
 
         Raises:
             ValueError: If the store matches neither this guard nor its inner
@@ -1922,7 +1928,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             kept = [store[str(i)] for i in range(saved) if i != old_table]
             return super().load_own_variables({str(i): value for i, value in enumerate(kept)})
         inner_count = len(self.inner_optimizer.variables)
-        if saved == inner_count:
+        shapes = _stored_shapes(store)
+        if shapes == [tuple(v.shape) for v in self.inner_optimizer.variables]:
             logging.warning(
                 "guardedopt: loading a saved %s state (%d variables, no guard state) "
                 "into the inner optimizer of %r; the guard's counters start at 0. "
@@ -1933,7 +1940,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             )
             self.inner_optimizer.load_own_variables(store)
             return
-        if saved in self._unbuilt_variable_counts:
+        if saved in self._unbuilt_variable_counts and all(shape == () for shape in shapes):
             logging.warning(
                 "guardedopt: skipping the optimizer state of %r: the file holds %d "
                 "variables, what this guard or its inner %s holds before its first "

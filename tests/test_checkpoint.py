@@ -128,6 +128,42 @@ def test_keras_file_saved_before_the_first_step_loads(tmp_path, caplog, saved_wi
     assert _bits(guard.inner_optimizer.variables) == _bits(fresh.optimizer.inner_optimizer.variables)
 
 
+def _dense_model(optimizer):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def test_store_that_only_counts_like_an_unbuilt_one_is_refused(tmp_path):
+    # A trained SGD(momentum) of one Dense layer saves 4 variables, as many as
+    # an unbuilt guard: that count alone must not make it "saved before
+    # training" (it would load nothing, with only a warning).
+    x, y = np.ones((8, 3), np.float32), np.ones((8, 1), np.float32)
+    bare = _dense_model(keras.optimizers.SGD(0.05, momentum=0.9))
+    bare.fit(x, y, verbose=0)
+    path = str(tmp_path / "sgd.weights.h5")
+    bare.save_weights(path)
+    guarded = _dense_model(guardedopt.GuardedOptimizer(_bare_adam()))
+    guarded.optimizer.build(guarded.trainable_variables)
+    assert len(bare.optimizer.variables) in guarded.optimizer._unbuilt_variable_counts
+    with pytest.raises(ValueError, match="Cannot load the optimizer state"):
+        guarded.load_weights(path)
+
+
+def test_unbuilt_guard_file_whose_count_equals_the_built_inner_loads(tmp_path):
+    # The unbuilt guard's 4 scalars counted as a bare SGD(momentum) file of
+    # the built inner optimizer (also 4): the scalars went into the momentum
+    # slots and loading failed on their shapes.
+    path = str(tmp_path / "epoch0.keras")
+    _dense_model(guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9))).save(path)
+    loaded = keras.models.load_model(path)
+    inner = loaded.optimizer.inner_optimizer
+    assert [tuple(v.shape) for v in inner.variables[2:]] == [(3, 1), (1,)]
+    assert all(not np.any(v.numpy()) for v in inner.variables[2:])
+    np.testing.assert_allclose(float(inner.learning_rate.numpy()), 0.05, rtol=1e-6)
+
+
 def test_keras_file_of_guard_into_bare_optimizer_warns(tmp_path):
     """Keras' own optimizer loading skips a store of another size with a
     warning; the README says how to drop the guard (load it guarded, then
