@@ -464,12 +464,29 @@ def _assign_all(pairs):
     )
 
 
-# Base-optimizer settings that, assigned on a built or constructed guard, go to
-# the inner optimizer (`GuardedOptimizer.__setattr__`).
+# Base-optimizer settings that, assigned on a constructed guard, go to the
+# optimizer that applies them (`GuardedOptimizer.__setattr__`). Reading them on
+# the guard gives the guard's own: its `build` reads them (an EMA of the guard
+# would be a second copy of the weights).
 _INNER_SETTINGS = frozenset((
-    "clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema",
-    "ema_momentum", "ema_overwrite_frequency", "gradient_accumulation_steps",
+    "use_ema", "ema_momentum", "ema_overwrite_frequency", "gradient_accumulation_steps",
 ))
+
+
+def _forwarded_setting(name):
+    """A base-optimizer setting read from and written to the optimizer that applies it.
+
+    The guard's own step never reads it. Keras' constructor assigns its default
+    before the inner optimizer exists; that assignment is dropped.
+    """
+    def read(self):
+        return getattr(self._updating_optimizer, name) if "inner_optimizer" in self.__dict__ else None
+
+    def write(self, value):
+        if "inner_optimizer" in self.__dict__:
+            setattr(self._updating_optimizer, name, value)
+
+    return property(read, write, doc=f"The inner optimizer's `{name}` (get and set).")
 
 # Keras 3.15+ (absent before): optimizers that dispatch variables to others.
 _MULTI_OPTIMIZERS = tuple(
@@ -909,15 +926,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             type(self).loss_scale_factor.fset(self, value)
             return
         if name in _INNER_SETTINGS and "inner_optimizer" in self.__dict__:
-            # The inner optimizer clips, decays and averages; the guard's own
-            # copies (set by Keras' constructor) are never read by its step.
-            setattr(self.inner_optimizer, name, value)
+            setattr(self._updating_optimizer, name, value)
             return
         super().__setattr__(name, value)
 
+    clipnorm = _forwarded_setting("clipnorm")
+    clipvalue = _forwarded_setting("clipvalue")
+    global_clipnorm = _forwarded_setting("global_clipnorm")
+    weight_decay = _forwarded_setting("weight_decay")
+
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """The inner optimizer's `exclude_from_weight_decay` (it applies the decay)."""
-        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        self._updating_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)

@@ -549,6 +549,23 @@ def test_multi_optimizer_with_a_none_gradient_fits_and_skips_exactly(jit_compile
     assert int(opt.iterations.numpy()) == int(inner.iterations.numpy()) == 2
 
 
+def test_clipping_and_decay_read_and_write_through_to_the_optimizer_that_applies_them():
+    # Reads gave the guard's own None (`opt.weight_decay *= 0.5` failed), and
+    # with a loss scaler inside, the value landed on the scaler, which never
+    # clips.
+    opt = guardedopt.GuardedOptimizer(keras.optimizers.AdamW(1e-2, weight_decay=0.004))
+    assert opt.weight_decay == 0.004 and opt.clipnorm is None
+    opt.weight_decay *= 0.5
+    assert opt.inner_optimizer.weight_decay == 0.002
+    sgd = keras.optimizers.SGD(1.0)
+    scaled = guardedopt.GuardedOptimizer(keras.optimizers.LossScaleOptimizer(sgd, initial_scale=1.0))
+    scaled.clipnorm = 1e-3
+    assert sgd.clipnorm == 1e-3 and scaled.clipnorm == 1e-3
+    weight = keras.Variable(np.ones(4, np.float32))
+    scaled.apply([tf.fill([4], 10.0)], [weight])
+    np.testing.assert_allclose(weight.numpy(), 1.0 - 5e-4, rtol=1e-6)  # clipped to norm 1e-3
+
+
 def test_report_of_a_guard_built_on_no_variables():
     # A frozen model: the history of zero variables failed to reshape.
     opt = guardedopt.GuardedOptimizer("adam")
