@@ -143,8 +143,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def _option_validator(name: str, argument: str):
     def valid(value: Any) -> bool:
-        if value is None:
-            return True
         try:
             validate_option(argument, value)
         except ValueError as error:

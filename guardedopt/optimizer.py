@@ -140,6 +140,15 @@ def _unwrap_value(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+def _accumulates_only(optimizer) -> Optional[tf.Tensor]:
+    """Whether this call of `optimizer.apply` only accumulates (Keras' rule); None without accumulation."""
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    if not steps:
+        return None
+    calls = tf.convert_to_tensor(_unwrap_value(optimizer._iterations))  # pylint: disable=protected-access
+    return tf.not_equal((calls + 1) % steps, 0)
+
+
 def _stored_shapes(store) -> List[tuple]:
     """The shapes of a `save_own_variables` store's values, in order (h5py datasets or arrays)."""
     return [tuple(np.shape(store[str(i)])) for i in range(len(store.keys()))]
@@ -764,6 +773,22 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         inner = self.inner_optimizer
         return inner.inner_optimizer if isinstance(inner, keras.optimizers.LossScaleOptimizer) else inner
 
+    @property
+    def _updating_optimizers(self) -> list:
+        """Those that write the weights: `_updating_optimizer`, or a MultiOptimizer's sub-optimizers."""
+        inner = self._updating_optimizer
+        return list(inner.optimizers) if isinstance(inner, _MULTI_OPTIMIZERS) else [inner]
+
+    @property
+    def optimizers(self):
+        # A MultiOptimizer's sub-optimizers, where Keras' callbacks look for
+        # them (LearningRateScheduler, ReduceLROnPlateau, SwapEMAWeights);
+        # AttributeError otherwise, as on any other optimizer.
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None or not isinstance(self._updating_optimizer, _MULTI_OPTIMIZERS):
+            raise AttributeError("optimizers")
+        return self._updating_optimizer.optimizers
+
     def build(self, var_list):
         """Builds the inner optimizer and the guard's state variables."""
         if self.built:
@@ -1257,11 +1282,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         those without a gradient in this step (a frozen layer, a head not
         trained this step): a skipped step must leave them as they were too.
         """
-        inner = self._updating_optimizer
-        if not (getattr(inner, "use_ema", False) and getattr(inner, "ema_overwrite_frequency", None)):
-            return []
-        given = {inner._var_key(v) for v in variables}  # pylint: disable=protected-access
-        return [v for v in inner._trainable_variables if inner._var_key(v) not in given]  # pylint: disable=protected-access
+        given = {self._var_key(v) for v in variables}
+        return [
+            v
+            for optimizer in self._updating_optimizers
+            if getattr(optimizer, "use_ema", False) and getattr(optimizer, "ema_overwrite_frequency", None)
+            for v in optimizer._trainable_variables  # pylint: disable=protected-access
+            if self._var_key(v) not in given
+        ]
 
     def _apply_unless(self, skip, grads, variables):
         """The inner update, leaving every weight and inner variable as it was where `skip`.
@@ -1394,16 +1422,23 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         With `gradient_accumulation_steps=k` Keras moves the weights on every
         k-th call (when `(_iterations + 1) % k == 0`, `_iterations` counting
         the calls; the public `iterations` counts the updates); the other steps
-        are not measured, or the still weights would read as tiny steps.
-        None when the inner optimizer does not accumulate (the step's graph is
-        then as before).
+        are not measured, or the still weights would read as tiny steps. Under
+        a MultiOptimizer each variable follows its sub-optimizer: a [slots]
+        vector. None when nothing accumulates (the step's graph is then as
+        before).
         """
         inner = self._updating_optimizer
-        steps = inner.gradient_accumulation_steps
-        if not steps:
+        if not isinstance(inner, _MULTI_OPTIMIZERS):
+            return _accumulates_only(inner)
+        flags = [_accumulates_only(optimizer) for optimizer in inner.optimizers]
+        if all(flag is None for flag in flags):
             return None
-        calls = tf.convert_to_tensor(_unwrap_value(inner._iterations))  # pylint: disable=protected-access
-        return tf.not_equal((calls + 1) % steps, 0)
+        by_slot = [tf.constant(False)] * len(self._variable_paths)
+        for variable in inner._trainable_variables:  # pylint: disable=protected-access
+            flag = flags[inner._var_to_optimizer_idx[inner._var_key(variable)]]  # pylint: disable=protected-access
+            if flag is not None:
+                by_slot[self._var_positions[self._var_key(variable)]] = flag
+        return tf.stack(by_slot)
 
     def _measure(self, step, grads, previous, samples_new, positions, present, zero,
                  unmeasured_step, state, norms_k=None):

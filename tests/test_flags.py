@@ -144,6 +144,18 @@ def test_flagsaver_on_global_flags():
     assert flags.FLAGS.guard_tiny_step == DEFAULTS["tiny_step"]
 
 
+def test_flagsaver_values_are_checked_like_command_line_ones():
+    # The validators let None through: flagsaver(guard_patience=None) was
+    # accepted and failed only when the optimizer was built.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    for name, value in (("guard_patience", None), ("guard_max_step", float("inf"))):
+        with pytest.raises(flags.IllegalFlagValueError, match=f"flag --{name}={value}"):
+            with flagsaver.flagsaver(**{name: value}):
+                pass
+    assert flags.FLAGS.guard_patience == DEFAULTS["patience"]
+
+
 def test_flags_are_read_only_when_called(fv):
     # Changing a value after definition is seen by the next call (no import-time read).
     parse(fv)

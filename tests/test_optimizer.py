@@ -566,6 +566,91 @@ def test_clipping_and_decay_read_and_write_through_to_the_optimizer_that_applies
     np.testing.assert_allclose(weight.numpy(), 1.0 - 5e-4, rtol=1e-6)  # clipped to norm 1e-3
 
 
+@pytest.mark.skipif(not hasattr(keras.optimizers, "MultiOptimizer"), reason="Keras < 3.15")
+def test_multi_optimizer_sub_optimizer_accumulation_is_not_a_tiny_step():
+    # Only the top inner optimizer's accumulation was looked at: the head's
+    # accumulate-only steps read as steps of 0.
+    optimizers = keras.optimizers
+    inner = optimizers.MultiOptimizer(optimizers.OptimizerMap(
+        optimizers.SGD(0.05), {".*head.*": optimizers.Adam(1e-2, gradient_accumulation_steps=4)}
+    ))
+    model = _multi_optimizer_model()
+    opt = guardedopt.GuardedOptimizer(inner, none_gradient="ignore", patience=3)
+    x, y = classification_data(n=16 * 32)
+    model.compile(opt, LOSS)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert opt.report().by_code(F.TINY_STEP) == []
+    assert all(0 < r < 1 for r in opt.last_step_ratio.numpy()[1:])  # the connected variables (slot 0: unused)
+
+
+@pytest.mark.skipif(not hasattr(keras.optimizers, "MultiOptimizer"), reason="Keras < 3.15")
+@pytest.mark.parametrize("jit_compile", (False, True))
+@pytest.mark.parametrize("options", [{}, {"nonfinite_weights": "skip"}], ids=["default", "restore"])
+def test_multi_optimizer_ema_overwrite_on_a_skipped_step_is_undone(jit_compile, options):
+    # A sub-optimizer's EMA overwrite writes all of its variables, also one
+    # left out of this step's apply: only the top inner optimizer's were
+    # masked, so the skipped step moved it (5e-3).
+    def run(poison_step):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((3,))
+        first, second = keras.layers.Dense(4, name="body1")(inputs), keras.layers.Dense(4, name="body2")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(1, name="head")(keras.layers.Concatenate()([first, second])))
+        optimizer_map = keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD(1e-2))
+        optimizer_map[".*body.*"] = keras.optimizers.Adam(5e-2, use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=3)
+        opt = guardedopt.GuardedOptimizer(keras.optimizers.MultiOptimizer(optimizer_map), none_gradient="ignore", **options)
+        opt.build(model.trainable_variables)
+        rng = np.random.RandomState(0)
+
+        def make(without_body2):
+            @tf.function(jit_compile=jit_compile)
+            def step(x, y, poison):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean((model(x) - y) ** 2) * tf.where(poison, np.float32(np.nan), np.float32(1))
+                variables = [v for v in model.trainable_variables if not (without_body2 and "body2" in v.path)]
+                opt.apply(tape.gradient(loss, variables), variables)
+            return step
+
+        steps = {False: make(False), True: make(True)}
+        for i in range(1, 7):
+            x, y = rng.rand(8, 3).astype("float32"), rng.rand(8, 1).astype("float32")
+            if poison_step is None and i == 3:
+                continue  # the reference never sees the faulty step
+            steps[i >= 3](tf.constant(x), tf.constant(y), tf.constant(i == poison_step))
+        return model, opt
+
+    reference, _ = run(poison_step=None)
+    model, opt = run(poison_step=3)  # the Adam's third call: an overwrite step
+    assert int(opt.skipped_steps_total.numpy()) == 1
+    assert bitwise_equal([w.numpy() for w in model.weights], [w.numpy() for w in reference.weights])
+
+
+@pytest.mark.skipif(not hasattr(keras.optimizers, "MultiOptimizer"), reason="Keras < 3.15")
+def test_keras_callbacks_find_a_multi_optimizers_sub_optimizers_through_the_guard():
+    # LearningRateScheduler and SwapEMAWeights look for `optimizer.optimizers`:
+    # the guard had none, and its learning_rate is the MultiOptimizer's, which
+    # raises.
+    x, y = classification_data(n=48)
+
+    def fit(guarded):
+        optimizers = keras.optimizers
+        inner = optimizers.MultiOptimizer(optimizers.OptimizerMap(
+            optimizers.SGD(0.05), {".*head.*": optimizers.Adam(1e-2, use_ema=True)}
+        ))
+        model = _multi_optimizer_model()
+        model.compile(guardedopt.GuardedOptimizer(inner, none_gradient="ignore") if guarded else inner, LOSS)
+        callbacks = [
+            keras.callbacks.LearningRateScheduler(lambda epoch, rate: rate * 0.5),
+            keras.callbacks.SwapEMAWeights(swap_on_epoch=True),
+        ]
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=callbacks, validation_data=(x, y))
+        return model, inner
+
+    bare, bare_inner = fit(guarded=False)
+    guarded, inner = fit(guarded=True)
+    assert sorted(float(o.learning_rate.numpy()) for o in inner.optimizers) == pytest.approx([0.0025, 0.0125])
+    assert bitwise_equal([w.numpy() for w in guarded.weights], [w.numpy() for w in bare.weights])
+
+
 def test_report_of_a_guard_built_on_no_variables():
     # A frozen model: the history of zero variables failed to reshape.
     opt = guardedopt.GuardedOptimizer("adam")
