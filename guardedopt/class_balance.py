@@ -980,8 +980,11 @@ def _balancer_from_dict(config: Dict[Any, Any]) -> ClassBalancer:
     if "class_name" in config:
         try:
             balancer = keras.saving.deserialize_keras_object(config)
-        except (TypeError, ValueError):
-            balancer = None
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "`class_weight` given as a serialized object could not be "
+                f"deserialized ({error}). Received: class_weight={config!r}"
+            ) from None
         if isinstance(balancer, ClassBalancer):
             return balancer
     options = set(inspect.signature(ClassBalancer.__init__).parameters) - {"self"}

@@ -230,8 +230,10 @@ def _check_learning_rate(opt: Any) -> List[F.Finding]:
     if lr is None:
         return []
     what = f"{name} learning_rate"
-    if schedule is not None:
+    if schedule is not None and math.isfinite(lr):
         what += f" (schedule at step {peak_step}, its highest of steps {_probe_text()})"
+    elif schedule is not None:
+        what += f" (schedule at step {peak_step})"
     fix = f"use a learning rate in the usual range {lo:g}..{hi:g} for {name}"
     if not math.isfinite(lr) or lr <= 0:
         return [
