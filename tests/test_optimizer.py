@@ -277,16 +277,24 @@ def test_tiny_learning_rate_is_below_float32_resolution(mode):
     assert all(n >= 1 for p, n in found.details["below_resolution_steps"].items() if p in kernels)
 
 
+def _accumulating_run(learning_rate, accumulation, steps, mode):
+    """A guard (patience 3) over Adam with `gradient_accumulation_steps`, after `steps` steps."""
+    model = mlp()
+    x, y = classification_data()
+    opt = guardedopt.GuardedOptimizer(
+        keras.optimizers.Adam(learning_rate, gradient_accumulation_steps=accumulation), patience=3
+    )
+    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
+    for _ in range(steps):
+        step()
+    return opt
+
+
 @pytest.mark.parametrize("mode", ("graph", "xla"))
 def test_gradient_accumulation_steps_are_not_tiny_steps(mode):
     # Seven of eight steps only accumulate: the weights stay, and those steps
     # were measured as steps of 0, so a healthy run reported tiny_step.
-    model = mlp()
-    x, y = classification_data()
-    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2, gradient_accumulation_steps=8), patience=3)
-    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
-    for _ in range(32):
-        step()
+    opt = _accumulating_run(1e-2, accumulation=8, steps=32, mode=mode)
     assert int(opt.iterations.numpy()) == 4
     assert opt.report().by_code(F.TINY_STEP) == []
     assert all(0 < r < 1 for r in opt.last_step_ratio.numpy())  # the updates were measured
@@ -294,12 +302,7 @@ def test_gradient_accumulation_steps_are_not_tiny_steps(mode):
 
 @pytest.mark.parametrize("mode", ("graph", "xla"))
 def test_tiny_updates_under_gradient_accumulation_are_still_found(mode):
-    model = mlp()
-    x, y = classification_data()
-    opt = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-10, gradient_accumulation_steps=4), patience=3)
-    step = make_step(model, opt, tf.constant(x), tf.constant(y), mode)
-    for _ in range(16):
-        step()
+    opt = _accumulating_run(1e-10, accumulation=4, steps=16, mode=mode)
     found = opt.report().by_code(F.TINY_STEP)[0]
     assert found.first_step == 12  # the third update (steps 4, 8, 12)
 
