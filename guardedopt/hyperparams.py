@@ -199,10 +199,7 @@ def _iterations(opt: Any) -> Optional[int]:
 # warmup_target=...)`) starts at 0 and rises, so step 0 alone would call it
 # zero.
 _SCHEDULE_PROBES = (0, 1, 10, 100, 1_000, 10_000)
-
-
-def _probe_text() -> str:
-    return ", ".join(str(s) for s in _SCHEDULE_PROBES)
+_PROBE_TEXT = ", ".join(str(s) for s in _SCHEDULE_PROBES)
 
 
 def _schedule_peak(schedule: Any) -> Tuple[int, Optional[float]]:
@@ -231,7 +228,7 @@ def _check_learning_rate(opt: Any) -> List[F.Finding]:
         return []
     what = f"{name} learning_rate"
     if schedule is not None and math.isfinite(lr):
-        what += f" (schedule at step {peak_step}, its highest of steps {_probe_text()})"
+        what += f" (schedule at step {peak_step}, its highest of steps {_PROBE_TEXT})"
     elif schedule is not None:
         what += f" (schedule at step {peak_step})"
     fix = f"use a learning rate in the usual range {lo:g}..{hi:g} for {name}"

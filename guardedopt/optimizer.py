@@ -497,6 +497,7 @@ def _forwarded_setting(name):
 
     return property(read, write, doc=f"The inner optimizer's `{name}` (get and set).")
 
+
 # Keras 3.15+ (absent before): optimizers that dispatch variables to others.
 _MULTI_OPTIMIZERS = tuple(
     c for c in (getattr(keras.optimizers, "MultiOptimizer", None),) if c is not None
@@ -1185,7 +1186,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 )
             self._apply_unless(mask, grads, variables)
         else:
-            written = list(variables) + self._overwritten_by_ema(variables)
+            written = self._written_weights(variables)
             weights_old = [tf.identity(_unwrap_value(v)) for v in written]
             inner_old = [tf.identity(_unwrap_value(v)) for v in inner_vars]
             self._inner_apply(grads, variables)
@@ -1274,8 +1275,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         updates += scale_updates
         _assign_all(updates)
 
-    def _overwritten_by_ema(self, variables) -> list:
-        """Weights the inner update writes besides `variables`.
+    def _written_weights(self, variables) -> list:
+        """The weights the inner update may write: `variables`, and what Keras' EMA overwrites.
 
         With `use_ema` and `ema_overwrite_frequency` Keras overwrites every
         variable the optimizer was built on with its moving average, also
@@ -1283,7 +1284,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         trained this step): a skipped step must leave them as they were too.
         """
         given = {self._var_key(v) for v in variables}
-        return [
+        return list(variables) + [
             v
             for optimizer in self._updating_optimizers
             if getattr(optimizer, "use_ema", False) and getattr(optimizer, "ema_overwrite_frequency", None)
@@ -1302,8 +1303,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         same kernels as unguarded, so the same bits.
         """
         if tf.executing_eagerly() or _in_xla_context():
-            written = list(variables) + self._overwritten_by_ema(variables)
-            with _writes_masked(written + self.inner_optimizer.variables, skip):
+            with _writes_masked(self._written_weights(variables) + self.inner_optimizer.variables, skip):
                 self._inner_apply(grads, variables)
             return
 
