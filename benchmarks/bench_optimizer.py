@@ -28,6 +28,8 @@ A second part times each check alone (all others "ignore") at one size.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import gc
 import os
 import re
@@ -44,14 +46,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "1000000", "10000000"], "Parameter counts (floats).")
 flags.DEFINE_list("nvars", ["1", "10", "100"], "Number of variables the parameters are split into.")
 flags.DEFINE_bool("full", False,
-                  "Every size x variable count x inner optimizer (about 35 minutes here). Default: "
-                  "Adam at every size in 1 and 10 variables plus 1e6 in 100 variables, SGD at 1e6 in "
-                  "10 variables (the 100-variable steps take a minute each to compile).")
+                  "Every size x variable count x inner optimizer, in both modes, with the variants of "
+                  "FULL_VARIANTS too unless --variants is given (about 35 minutes before README run 17). Default: Adam at "
+                  "every size in 1 and 10 variables plus 1e6 in 100 variables (under XLA only: a "
+                  "100-variable cell takes a minute to compile in each mode), SGD at 1e6 in 10 variables.")
 flags.DEFINE_list("modes", ["xla", "graph"], "xla: tf.function(jit_compile=True); graph: plain tf.function.")
 flags.DEFINE_list("inners", ["adam", "sgd"], "Inner optimizers.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_w1", "guard_skipw", "lso", "check_numerics"],
-                  "Variants compared in each configuration. A guard variant may name the package "
-                  "to take GuardedOptimizer from: guard@guardedopt_candidate (on PYTHONPATH).")
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "lso", "check_numerics"],
+                  "Variants compared in each configuration (--full adds FULL_VARIANTS). A guard variant "
+                  "may name the package to take GuardedOptimizer from: guard@guardedopt_candidate (on "
+                  "PYTHONPATH).")
 flags.DEFINE_bool("checks_alone", True, "Also time each check alone (others 'ignore').")
 flags.DEFINE_integer("alone_size", 1_000_000, "Parameter count of the each-check-alone part.")
 flags.DEFINE_integer("alone_nvars", 10, "Variables of the each-check-alone part.")
@@ -64,11 +68,18 @@ flags.DEFINE_integer("instances", 1,
                      "interleaved; a variant's time in a round is the geometric mean of its instances' "
                      "(two bare instances differed by 7% for a whole run: README \"Run 16\").", lower_bound=1)
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TF default).")
-flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no each-check-alone part, "
-                  "and unless --variants is given only bare, guard, guard_ce10, lso, check_numerics.")
+flags.DEFINE_integer("compile_workers", 2,
+                     "Steps of one configuration compiled at a time, in threads (XLA's compile releases the "
+                     "GIL; tracing does not, so every step is traced first, one by one). 1: one by one, "
+                     "so that the first-call table gives each compile alone.", lower_bound=1)
+flags.DEFINE_bool("quick", False, "Small run (< 1 minute): 1e4 and 1e6 params in 1 variable, Adam, 3 rounds, no "
+                  "each-check-alone part.")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/optimizer<tag>.*).")
 flags.DEFINE_integer("seed", 0, "Random seed of weights and gradients.")
 
+# Not in the default run (the issue's matrix), but in --full: every weight read
+# every step, and the exact restore of a bad update (README "Performance").
+FULL_VARIANTS = ("guard_w1", "guard_skipw")
 CHECKS = ("zero_gradient", "nonfinite_gradient", "nonfinite_weights", "tiny_step", "large_step")
 ALL_IGNORE = {c: "ignore" for c in CHECKS}
 
@@ -112,8 +123,12 @@ def make_optimizer(variant, inner_name):
     return common.guarded_optimizer(variant, inner)
 
 
-def build_step(variant, inner_name, variables, grads, jit):
-    """Returns (step callable, compile seconds, status, error)."""
+def trace_step(variant, inner_name, variables, grads, jit):
+    """The step of a variant, traced but not compiled: (step or None, seconds, error text).
+
+    `check_numerics` is traced under `enable_check_numerics`, which
+    instruments the graph as it is built; its first call then needs no flag.
+    """
     import tensorflow as tf
 
     optimizer = make_optimizer(variant, inner_name)
@@ -129,18 +144,42 @@ def build_step(variant, inner_name, variables, grads, jit):
         tf.debugging.enable_check_numerics()
     t0 = time.perf_counter()
     try:
-        step(grads).numpy()
+        step.get_concrete_function(grads)
     except Exception as error:  # noqa: BLE001 - reported, not hidden
-        message = str(error)
-        ops = sorted(set(re.findall(r"\b(Debug\w+|CheckNumerics\w*)", message)))
-        text = f"{type(error).__name__}: {message.strip().splitlines()[0][:120]}"
-        if ops:
-            text += f" (ops not compilable by XLA: {', '.join(ops)})"
-        return None, time.perf_counter() - t0, "unsupported", text
+        return None, time.perf_counter() - t0, describe_error(error)
     finally:
         if numerics:
             tf.debugging.disable_check_numerics()
-    return (lambda: step(grads)), time.perf_counter() - t0, "ok", ""
+    return step, time.perf_counter() - t0, ""
+
+
+def describe_error(error) -> str:
+    """One line for a step that does not run, naming the ops XLA could not compile."""
+    message = str(error)
+    ops = sorted(set(re.findall(r"\b(Debug\w+|CheckNumerics\w*)", message)))
+    text = f"{type(error).__name__}: {message.strip().splitlines()[0][:120]}"
+    if ops:
+        text += f" (ops not compilable by XLA: {', '.join(ops)})"
+    return text
+
+
+def first_calls(steps, grads, workers):
+    """Compiles and runs each traced step once, `workers` at a time: name -> (seconds, error text)."""
+    def call(step):
+        t0 = time.perf_counter()
+        try:
+            step(grads).numpy()
+        except Exception as error:  # noqa: BLE001 - reported, not hidden
+            return time.perf_counter() - t0, describe_error(error)
+        return time.perf_counter() - t0, ""
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(call, step) for name, step in steps.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+# (variant, mode) -> why it does not run: it is not compiled again for every configuration.
+_UNSUPPORTED = {}
 
 
 def choose_inner(steps, block_ms, max_inner):
@@ -158,30 +197,46 @@ def run_group(size, nvars, mode, inner_name, variants, rounds, tag):
 
     jit = mode == "xla"
     variables, grads = common.random_parameters(size, nvars, FLAGS.seed)
-    steps, rows, instances_of = {}, [], {}
+    rows, traced, instances_of = {}, {}, {}
     for variant in variants:
-        # The first instance's first call is the one the first-call table reports.
-        fn, compile_s, status, error = build_step(variant, inner_name, variables, grads, jit)
         row = dict(part=tag, size=size, nvars=nvars, mode=mode, inner=inner_name, variant=variant,
-                   compile_s=round(compile_s, 3), status=status, error=error, instances=FLAGS.instances)
-        rows.append(row)
-        if fn is None:
+                   compile_s=None, status="ok", error="", instances=FLAGS.instances)
+        rows[variant] = row
+        known = _UNSUPPORTED.get((variant, mode))
+        if known:
+            row.update(status="unsupported", error=known)
             continue
-        steps[variant] = fn
-        instances_of[variant] = [variant]
-        for index in range(1, FLAGS.instances):
-            key = common.instance_key(variant, index)
-            steps[key] = build_step(variant, inner_name, variables, grads, jit)[0]
-            instances_of[variant].append(key)
+        instances_of[variant] = [variant] + [common.instance_key(variant, i) for i in range(1, FLAGS.instances)]
+        for key in instances_of[variant]:
+            step, trace_s, error = trace_step(variant, inner_name, variables, grads, jit)
+            if key == variant:
+                row["trace_s"] = trace_s
+            if step is None:
+                row.update(status="unsupported", error=error)
+                break
+            traced[key] = step
+    # The first instance's first call is the one the first-call table reports.
+    called = first_calls(traced, grads, FLAGS.compile_workers)
+    for variant, row in rows.items():
+        if variant in called:
+            seconds, error = called[variant]
+            row["compile_s"] = round(row["trace_s"] + seconds, 3)
+            if error:
+                row.update(status="unsupported", error=error)
+        if row["status"] != "ok":
+            _UNSUPPORTED[(variant, mode)] = row["error"]
+            instances_of.pop(variant, None)
+    steps = {key: functools.partial(traced[key], grads) for keys in instances_of.values() for key in keys}
     inner = choose_inner(steps, FLAGS.block_ms, FLAGS.max_inner)
     stats = common.interleaved(steps, baseline="bare", rounds=rounds, inner=inner, warmup=1,
                                budget_s=FLAGS.group_budget_s, instances_of=instances_of)
+    rows = list(rows.values())
     for row in rows:
         s = stats.get(row["variant"])
         row["inner_steps"] = inner
         if s is not None:
             row.update(s)
-    del steps, variables, grads
+    del steps, traced, variables, grads
     gc.collect()
     keras.backend.clear_session()
     return rows, stats
@@ -201,11 +256,10 @@ def main(argv):
     if FLAGS.quick:
         sizes, nvars_list, inners, rounds = [10_000, 1_000_000], [1], ["adam"], 3
         FLAGS.checks_alone = False
-        if not FLAGS["variants"].present:
-            # The bars' variants only: each variant's compile is most of the minute.
-            variants = [v for v in variants if v in ("bare", "guard", "guard_ce10", "lso", "check_numerics")]
+    if FLAGS.full and not FLAGS["variants"].present:
+        variants = variants[:3] + list(FULL_VARIANTS) + variants[3:]
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick,
-                rounds=rounds, block_ms=FLAGS.block_ms)
+                rounds=rounds, block_ms=FLAGS.block_ms, compile_workers=FLAGS.compile_workers)
     print(f"machine: {meta['machine'].get('Model name')} ({meta['machine'].get('CPU(s)')} CPUs), "
           f"TF {tf.__version__}, threads {threads}", flush=True)
     started = time.perf_counter()
@@ -216,6 +270,8 @@ def main(argv):
                    or c == ("sgd", 1_000_000, 10)]
     for mode in modes:
         for inner_name, size, nvars in configs:
+            if mode == "graph" and nvars == 100 and not FLAGS.full:
+                continue  # a minute of compiling for a mode the bars do not use
             t0 = time.perf_counter()
             rows, stats = run_group(size, nvars, mode, inner_name, variants, rounds, "matrix")
             all_rows += rows
@@ -304,7 +360,9 @@ def report(rows, variants, alone_groups, meta):
             common.fmt_first_call(vs[v]["compile_s"] if v in vs else None, bare) for v in variants if v != "bare"])
     text += "\n" + common.print_table(
         ["mode", "inner", "params", "vars", "bare s"] + [f"{v} s (/ bare)" for v in variants if v != "bare"],
-        first_rows, "first call of the step: trace and compile (seconds, once per variant; not interleaved; one measurement each, so drift in the machine lands on single variants: bench_startup.py repeats fresh processes)")
+        first_rows, f"first call of the step: trace (one at a time) and compile ({meta['compile_workers']} at a time, "
+        "--compile_workers) (seconds, once per variant; not interleaved; one measurement each, so drift in "
+        "the machine lands on single variants: bench_startup.py repeats fresh processes)")
     if alone_groups:
         alone_rows = []
         for label, stats in alone_groups.items():

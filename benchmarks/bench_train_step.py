@@ -50,7 +50,7 @@ import models  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", list(models.NAMES), "Models (models.py; also: " + ", ".join(models.OPTIONAL_NAMES) + ").")
 flags.DEFINE_list("modes", ["graph", "xla"], "graph: jit_compile=False; xla: jit_compile=True.")
-flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "guard_cb"],
+flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_cb"],
                   "Variants; a guard variant may name its package: guard@guardedopt_candidate.")
 flags.DEFINE_integer("rounds", 9, "Interleaved rounds (one fit call per variant per round).")
 flags.DEFINE_integer("steps", 0, "Timed steps per fit call (0: chosen from a ~0.3 s target).")
