@@ -1,6 +1,7 @@
-"""GuardCallback: finds the guard, writes TensorBoard summaries."""
+"""GuardCallback: finds the guard, writes TensorBoard summaries, logs and raises during fit."""
 
 import glob
+import logging
 
 import keras
 import numpy as np
@@ -83,3 +84,68 @@ def test_steps_per_execution_reads_once_per_execution_and_checks_every_step(jit_
     assert int(opt.inner_optimizer.iterations.numpy()) == 9
     assert report.codes == ["nonfinite_gradient"]
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+class _AtEpochEnd(keras.callbacks.Callback):
+    """Records `read()` at the end of each epoch."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.read = read
+        self.values = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(self.read())
+
+
+def _first_logs(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_logs_class_imbalance_during_fit_not_only_at_its_end(caplog):
+    x, _ = classification_data(n=256)
+    y = np.zeros(256, "int32")
+    y[:8] = 1  # class 1 is 3% of the labels, class 2 never appears
+    model = mlp()
+    guard = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), class_weight="observe")
+    model.compile(optimizer=guard, loss=guard.weighted(LOSS))
+    spy = _AtEpochEnd(lambda: len(_first_logs(caplog, "guardedopt: [class_imbalance]")))
+    with caplog.at_level(logging.WARNING):
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[guardedopt.GuardCallback(), spy])
+    # Logged once, at the first check (its first batch), and not again within log_interval_seconds.
+    assert spy.values == [1, 1]
+
+
+def test_invalid_labels_stop_fit_at_the_first_check():
+    x, _ = classification_data(n=256, classes=2)
+    y = (x[:, :1] > 0).astype("float32")
+    y[40:45] = 2.0  # binary labels outside [0, 1], in the second batch
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, activation="sigmoid")])
+    guard = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), class_weight="auto")
+    model.compile(optimizer=guard, loss=guard.weighted("binary_crossentropy"))
+    spy = _AtEpochEnd(lambda: None)
+    with pytest.raises(ValueError, match=r"ClassBalancer found 5 invalid binary label\(s\) \(e\.g\. 2\)"):
+        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[guardedopt.GuardCallback(), spy])
+    assert spy.values == []  # raised in the first epoch, not after the last one
+    assert int(guard.iterations.numpy()) == 2  # at the check after the second batch
+
+
+def test_logs_the_loss_scale_at_floor_during_fit(caplog):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                                  keras.layers.Dense(2, activation="softmax", dtype="float32")])
+        guard = guardedopt.GuardedOptimizer(
+            keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)), log_interval_seconds=0.0)
+        model.compile(optimizer=guard, loss="sparse_categorical_crossentropy", auto_scale_loss=False)
+        x = np.full((160, 6), np.nan, "float32")  # every step overflows: the scale halves each step
+        y = np.zeros(160, "int32")
+        spy = _AtEpochEnd(lambda: len(_first_logs(caplog, "guardedopt: [loss_scale_at_floor] The dynamic")))
+        with caplog.at_level(logging.WARNING):
+            model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[guardedopt.GuardCallback(), spy])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert spy.values == [1, 1]  # 2**15 halved 16 times is below 1 within the first epoch's 20 steps
