@@ -21,6 +21,8 @@ reads them at boundaries (`GuardCallback`, `check()`, `report()`, the end of
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import threading
 import time
 import weakref
@@ -30,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from keras.src.optimizers import base_optimizer
 from keras.src.utils import tracking
 
 from guardedopt import checks
@@ -245,6 +248,31 @@ def _check_strategy_supported() -> None:
             "path are unverified there). Use the bare inner optimizer on TPU, or "
             "MirroredStrategy/MultiWorkerMirroredStrategy on GPUs/CPUs."
         )
+
+
+def _reject_unknown_arguments(kwargs) -> None:
+    """Raises the ValueError for keyword arguments `GuardedOptimizer` does not take.
+
+    A base-optimizer argument (`clipnorm`, `learning_rate`, ...) belongs on the
+    inner optimizer; anything else is named with the guard's options, and the
+    closest of them when it looks like a misspelling.
+    """
+    base = set(inspect.signature(base_optimizer.BaseOptimizer.__init__).parameters) - {"self", "kwargs", "name"}
+    misplaced = sorted(k for k in kwargs if k in base)
+    if misplaced:
+        raise ValueError(
+            f"GuardedOptimizer does not take base-optimizer arguments {misplaced}: set "
+            "them on the inner optimizer, e.g. "
+            "`GuardedOptimizer(keras.optimizers.Adam(clipnorm=1.0))`."
+        )
+    options = [p for p in inspect.signature(GuardedOptimizer.__init__).parameters if p not in ("self", "kwargs")]
+    unknown = sorted(kwargs)
+    close = {k: difflib.get_close_matches(k, options, n=1) for k in unknown}
+    hints = "".join(f" Did you mean `{m[0]}` for `{k}`?" for k, m in close.items() if m)
+    raise ValueError(
+        f"GuardedOptimizer got unknown argument(s) {unknown}.{hints} Allowed: "
+        f"{', '.join(options)}; base-optimizer arguments go on the inner optimizer."
+    )
 
 
 def _nonfinite_where(flag, gradient):
@@ -696,11 +724,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         **kwargs,
     ):
         if kwargs:
-            raise ValueError(
-                "GuardedOptimizer does not take base-optimizer arguments "
-                f"{sorted(kwargs)}: set them on the inner optimizer, e.g. "
-                "`GuardedOptimizer(keras.optimizers.Adam(clipnorm=1.0))`."
-            )
+            _reject_unknown_arguments(kwargs)
         _check_strategy_supported()
         inner = self._resolve_inner(inner_optimizer)
         options = validate_options(
@@ -729,13 +753,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _resolve_inner(inner_optimizer):
-        if isinstance(inner_optimizer, GuardedOptimizer):
-            raise ValueError(
-                "`inner_optimizer` must not be a GuardedOptimizer: guarding a guard "
-                "checks every step twice. Received: "
-                f"inner_optimizer={inner_optimizer.__class__.__name__}"
-                f"(name={inner_optimizer.name!r})"
-            )
         try:
             inner = keras.optimizers.get(inner_optimizer)
         except (ValueError, TypeError, KeyError) as error:
@@ -744,6 +761,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 f"name or a config dict. Received: inner_optimizer={inner_optimizer!r} "
                 f"({error})"
             ) from None
+        # After `get`: a config dict of a guard deserializes to one.
+        if isinstance(inner, GuardedOptimizer):
+            raise ValueError(
+                "`inner_optimizer` must not be a GuardedOptimizer: guarding a guard "
+                "checks every step twice. Received: "
+                f"inner_optimizer={inner.__class__.__name__}(name={inner.name!r})"
+            )
         if not isinstance(inner, keras.optimizers.Optimizer):
             raise ValueError(
                 "`inner_optimizer` must be a Keras 3 optimizer "

@@ -718,9 +718,26 @@ def test_bad_configuration_raises_clear_value_error(kwargs, message):
     assert message in str(info.value)
 
 
+def test_unknown_keyword_arguments_are_named_with_what_is_allowed():
+    with pytest.raises(ValueError) as info:
+        guardedopt.GuardedOptimizer("adam", patiense=5)
+    message = str(info.value)
+    assert message.startswith(
+        "GuardedOptimizer got unknown argument(s) ['patiense']. Did you mean `patience` for `patiense`? "
+        "Allowed: inner_optimizer, none_gradient,")
+    assert message.endswith("class_weight, name; base-optimizer arguments go on the inner optimizer.")
+    with pytest.raises(ValueError) as info:
+        guardedopt.GuardedOptimizer("adam", clipnorm=1.0)
+    assert str(info.value) == (
+        "GuardedOptimizer does not take base-optimizer arguments ['clipnorm']: set them on the inner "
+        "optimizer, e.g. `GuardedOptimizer(keras.optimizers.Adam(clipnorm=1.0))`.")
+
+
 def test_misuse_is_rejected():
     with pytest.raises(ValueError, match="must not be a GuardedOptimizer"):
         guardedopt.GuardedOptimizer(guardedopt.GuardedOptimizer("adam"))
+    with pytest.raises(ValueError, match="must not be a GuardedOptimizer"):  # its config deserializes to one
+        guardedopt.GuardedOptimizer(keras.optimizers.serialize(guardedopt.GuardedOptimizer("adam")))
     with pytest.raises(ValueError, match="inner_optimizer"):
         guardedopt.GuardedOptimizer("no_such_optimizer")
     opt = guardedopt.GuardedOptimizer("sgd")
