@@ -12,9 +12,11 @@ checks inside the step run on every step regardless.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import keras
+import numpy as np
 
 from guardedopt.optimizer import GuardedOptimizer
 
@@ -43,14 +45,18 @@ class GuardCallback(keras.callbacks.Callback):
         histograms: Also write histograms of the per-variable step ratios.
 
     Raises:
-        ValueError: At `on_train_begin`, if the model's optimizer is not
-            guarded.
+        ValueError: At construction, for a bad argument; at
+            `on_train_begin`, if the model's optimizer is not guarded.
     """
 
     def __init__(self, log_dir: Optional[str] = None, summary_every: int = 100, histograms: bool = False):
         super().__init__()
         from guardedopt.validation import check_int
 
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise ValueError(f"`log_dir` must be None or a path (str). Received: log_dir={log_dir!r}")
+        if not isinstance(histograms, (bool, np.bool_)):
+            raise ValueError(f"`histograms` must be a bool. Received: histograms={histograms!r}")
         self.log_dir = log_dir
         self.summary_every = check_int("summary_every", summary_every, minimum=1)
         self.histograms = bool(histograms)

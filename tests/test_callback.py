@@ -149,3 +149,14 @@ def test_logs_the_loss_scale_at_floor_during_fit(caplog):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert spy.values == [1, 1]  # 2**15 halved 16 times is below 1 within the first epoch's 20 steps
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(histograms="no"), "`histograms` must be a bool. Received: histograms='no'"),
+    (dict(log_dir=5), "`log_dir` must be None or a path (str). Received: log_dir=5"),
+    (dict(summary_every=0), "`summary_every` must be an integer >= 1. Received: summary_every=0"),
+])
+def test_bad_arguments_are_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        guardedopt.GuardCallback(**kwargs)
+    assert str(info.value) == message
