@@ -121,6 +121,9 @@ LOSS_SCALE_FLOOR = 1.0
 # `check` reads the findings decided on the host (class balance, loss scale) at
 # most this often (or every `log_interval_seconds`, if shorter).
 _HOST_FINDINGS_EVERY_SECONDS = 1.0
+# `ClassBalancer.build`: the class counts, the labels seen, the invalid-label
+# count and the first invalid value.
+_BALANCER_VARIABLES = 4
 
 
 class GuardError(RuntimeError):
@@ -2037,7 +2040,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         """
         saved = len(store.keys())
         expected = len(self.variables)
-        if not self.built or saved in (0, expected):
+        if not self.built or saved in (0, expected) or self._build_balancer_from(store):
             return super().load_own_variables(store)
         old_table = self._old_sample_table_index(store) if saved == expected + 1 else None
         if old_table is not None:
@@ -2079,6 +2082,25 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "saved with, or load only the weights (`model.load_weights` of a "
             "`.weights.h5` saved without the optimizer, or `skip_mismatch=True`)."
         )
+
+    def _build_balancer_from(self, store) -> bool:
+        """Builds a class balancer not built yet from a store that holds its state.
+
+        Without `num_classes` its variables are made at the first loss call,
+        so a guard built only for loading (`optimizer.build`, then
+        `load_weights`) has none yet. A file saved after training holds them
+        where `variables` puts them, after the guard's own: a
+        `[num_classes]` vector and three scalars.
+        """
+        balancer = self.class_balancer
+        if balancer is None or balancer.built or len(store.keys()) != len(self.variables) + _BALANCER_VARIABLES:
+            return False
+        first = len(self.variables) - len(self.inner_optimizer.variables)
+        shapes = _stored_shapes(store)[first:first + _BALANCER_VARIABLES]
+        if len(shapes[0]) != 1 or shapes[0][0] < 2 or shapes[1:] != [()] * (_BALANCER_VARIABLES - 1):
+            return False
+        balancer.build(shapes[0][0], add_variable=self.add_variable)
+        return True
 
     def _old_sample_table_index(self, store) -> Optional[int]:
         """Where a store with one variable too many keeps an older file's sample table, if there.

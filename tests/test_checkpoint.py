@@ -100,6 +100,38 @@ def test_keras_file_of_bare_optimizer_loads_into_guard(tmp_path, caplog):
     assert _bits(bare.weights) == _bits(guarded.weights)
 
 
+def test_weights_file_with_an_online_class_balancer_loads_into_a_guard_built_for_loading(tmp_path):
+    """`class_weight="auto"` without `num_classes` makes the balancer's variables at the first
+    loss call; a guard built only to load (`optimizer.build`, `load_weights`) must make them from
+    the file."""
+    rs = np.random.RandomState(0)
+    x = rs.randn(64, 6).astype("float32")
+    y = np.where(rs.rand(64) < 0.8, 0, rs.randint(1, 3, 64)).astype("int32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+        guard = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-2), class_weight="auto")
+        model.compile(optimizer=guard, loss=guard.weighted(loss))
+        return model
+
+    trained = make()
+    trained.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "balanced.weights.h5")
+    trained.save_weights(path)
+    loaded = make()
+    loaded.optimizer.build(loaded.trainable_variables)
+    loaded.load_weights(path)
+    assert _bits(loaded.optimizer.variables) == _bits(trained.optimizer.variables)
+    np.testing.assert_array_equal(loaded.optimizer.class_balancer.counts(), np.bincount(y, minlength=3))
+    # Both go on identically: the loss weights the next batches from the restored counts.
+    for model in (trained, loaded):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert _bits(loaded.weights) == _bits(trained.weights)
+    assert _bits(loaded.optimizer.variables) == _bits(trained.optimizer.variables)
+
+
 @pytest.mark.parametrize("saved_with", ("guard", "bare"))
 def test_keras_file_saved_before_the_first_step_loads(tmp_path, caplog, saved_with):
     # An "epoch 0" snapshot holds the optimizer unbuilt (4 variables guarded,
