@@ -394,9 +394,8 @@ def sampled_l2_norms(tensors: Sequence) -> tf.Tensor:
     dtype = _common_dtype(values)
     if not all(_static_size(v) for v in values):
         return _one_by_one_unless_sized(values, sampled_l2_norms, lambda v, d: tf.cast(l2_norm(v), d), dtype)
-    squares = tf.reduce_sum(tf.square(stack_samples(values, dtype)), axis=1)
-    scale = [_static_size(v) / sample_size(_static_size(v)) for v in values]
-    return tf.sqrt(squares * tf.constant(scale, dtype))
+    scale = [(_static_size(v) / sample_size(_static_size(v))) ** 0.5 for v in values]
+    return tf.cast(row_norms(stack_samples(values, dtype)) * tf.constant(scale, tf.float64), dtype)
 
 
 def row_relative_steps(previous, current, sizes: Sequence[int], epsilon: float) -> tf.Tensor:
@@ -407,10 +406,20 @@ def row_relative_steps(previous, current, sizes: Sequence[int], epsilon: float) 
     not depend on the variable's size. `sizes[r]` is the number of real
     (unpadded) entries of row `r`: the size in that floor.
     """
-    floor = tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], previous.dtype)
-    delta = tf.sqrt(tf.reduce_sum(tf.square(current - previous), axis=1))
-    scale = tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(previous), axis=1)), floor)
+    floor = tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], tf.float64)
+    delta = row_norms(current - previous)
+    scale = tf.maximum(row_norms(previous), floor)
     return tf.cast(delta / scale, tf.float32)
+
+
+def row_norms(matrix) -> tf.Tensor:
+    """The L2 norm of each row, in float64.
+
+    Summed in float64: in float32 the squares of entries above about 1.8e19
+    overflow, and the effective step of large but finite (diverging) weights
+    read as inf/inf = NaN, which no threshold catches.
+    """
+    return tf.sqrt(tf.reduce_sum(tf.square(tf.cast(matrix, tf.float64)), axis=1))
 
 
 _RELATIVE_RESOLUTION = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}

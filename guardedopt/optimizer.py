@@ -1522,6 +1522,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         active = tf.logical_and(active, tf.logical_not(unmeasured_step))
         # A zero gradient is reported by its own check; it is not a tiny step.
         moving = tf.logical_and(active, tf.logical_not(zero))
+        # Nor is a zero step measured where the gradient missed the sample: a
+        # sparse (`IndexedSlices`) gradient updates rows the table's sample
+        # rarely holds, and a dense one can be zero at every sampled entry (the
+        # few active rows of a large input layer). The sampled gradient's norm
+        # is 0 there (-1 where not measured).
+        sparse = checks.scatter_to_slots(
+            [isinstance(g, tf.IndexedSlices) for g in grads], positions, n, False
+        )
+        moving = tf.logical_and(moving, tf.logical_and(norm > 0, tf.logical_not(sparse)))
         # A relative step below the dtype's precision rounds away in most
         # entries: w + Δw == w. Cheaper than comparing every entry, and the
         # same verdict for the 1e-10 learning rate.

@@ -424,6 +424,17 @@ def test_row_relative_steps_match_the_formula_on_the_real_entries():
     np.testing.assert_allclose(zero_rows, [1.0], rtol=1e-6)
 
 
+def test_row_norms_and_relative_steps_of_large_finite_float32_rows_do_not_overflow():
+    """Diverging weights of 1e20 (finite in float32; their squares are not): a step that
+    triples them is a relative step of 2, not inf/inf = NaN."""
+    old = np.full((1, 1024), 1e20, np.float32)
+    steps = _both(lambda a, b: checks.row_relative_steps(a, b, [1024], 1e-3), tf.constant(old), tf.constant(3 * old))
+    np.testing.assert_allclose(steps, [2.0], rtol=1e-6)
+    np.testing.assert_allclose(_both(checks.row_norms, tf.constant(old)), [1e20 * 32], rtol=1e-6)
+    norms = _both(lambda t: checks.sampled_l2_norms([t]), tf.constant(np.full(4096, 1e20, np.float32)))
+    np.testing.assert_allclose(norms, [1e20 * 64], rtol=1e-6)  # a sample of 1024 of 4096, scaled by 2
+
+
 def test_place_replaces_rows_at_static_positions():
     base = tf.reshape(tf.range(8.0), [4, 2])
     rows = tf.constant([[-1.0, -1.0], [-2.0, -2.0]])

@@ -276,3 +276,46 @@ def test_ema_overwrite_of_a_frozen_layer_on_a_skipped_step_is_undone(mode, optio
         _close(first, second, [v.dtype for v in bare_model.weights + bare_inner.variables])
     else:
         assert first == second
+
+
+def _few_rows_fit(layer, inner, steps=40):
+    """A custom loop on a large table of which each batch moves a few rows: an
+    `Embedding` (sparse gradients) or a `Dense` layer on multi-hot inputs (a
+    dense gradient, zero outside the batch's rows)."""
+    vocab = 200_000
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, vocab, (steps, 8, 2)).astype("int32")  # 16 of the 200,000 rows per step
+    labels = (ids[:, :, 0] % 2).astype("int32")
+    keras.utils.set_random_seed(1)
+    if layer == "embedding":
+        body = [keras.Input((2,), dtype="int32"), keras.layers.Embedding(vocab, 16),
+                keras.layers.GlobalAveragePooling1D()]
+        features = lambda x: x
+    else:
+        body = [keras.Input((vocab,)), keras.layers.Dense(2, activation="tanh")]
+        features = lambda x: tf.reduce_sum(tf.one_hot(x, vocab), axis=1)
+    model = keras.Sequential(body + [keras.layers.Dense(2)])
+    guard = guardedopt.GuardedOptimizer(inner)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(features(x), training=True))
+        guard.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+    for x, y in zip(ids, labels):
+        step(x, y)
+    return model, guard
+
+
+@pytest.mark.parametrize("layer", ["embedding", "multi_hot_dense"])
+def test_rows_the_sample_misses_are_no_tiny_step(layer):
+    """SGD moves only the batch's rows, which the table's 1024-entry sample rarely
+    holds: a zero sampled step there is no tiny step. A learning rate of 1e-10
+    is still found, on the layers the sample does see."""
+    model, guard = _few_rows_fit(layer, keras.optimizers.SGD(0.5))
+    assert guard.report().by_code(F.TINY_STEP) == []
+    model, guard = _few_rows_fit(layer, keras.optimizers.SGD(1e-10))
+    (finding,) = guard.report().by_code(F.TINY_STEP)
+    assert model.trainable_variables[-1].path in finding.variables
