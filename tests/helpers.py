@@ -52,6 +52,11 @@ def classification_data(n: int = 32, inputs: int = 6, classes: int = 3, seed: in
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def logged(caplog, text):
+    """The messages logged so far that contain `text`."""
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
 def make_step(model, optimizer, x, y, mode: str, loss=LOSS):
     """A classic GradientTape step in `mode`: "eager", "graph" or "xla"."""
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import guardedopt
 from guardedopt.callback import find_guard
-from helpers import LOSS, classification_data, mlp
+from helpers import LOSS, classification_data, logged, mlp
 
 
 def _tags(log_dir):
@@ -98,10 +98,6 @@ class _AtEpochEnd(keras.callbacks.Callback):
         self.values.append(self.read())
 
 
-def _first_logs(caplog, text):
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
-
-
 def test_logs_class_imbalance_during_fit_not_only_at_its_end(caplog):
     x, _ = classification_data(n=256)
     y = np.zeros(256, "int32")
@@ -109,7 +105,7 @@ def test_logs_class_imbalance_during_fit_not_only_at_its_end(caplog):
     model = mlp()
     guard = guardedopt.GuardedOptimizer(keras.optimizers.Adam(1e-3), class_weight="observe")
     model.compile(optimizer=guard, loss=guard.weighted(LOSS))
-    spy = _AtEpochEnd(lambda: len(_first_logs(caplog, "guardedopt: [class_imbalance]")))
+    spy = _AtEpochEnd(lambda: len(logged(caplog, "guardedopt: [class_imbalance]")))
     with caplog.at_level(logging.WARNING):
         model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[guardedopt.GuardCallback(), spy])
     # Logged once, at the first check (its first batch), and not again within log_interval_seconds.
@@ -133,21 +129,18 @@ def test_invalid_labels_stop_fit_at_the_first_check():
 
 
 def test_logs_the_loss_scale_at_floor_during_fit(caplog):
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
-                                  keras.layers.Dense(2, activation="softmax", dtype="float32")])
-        guard = guardedopt.GuardedOptimizer(
-            keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)), log_interval_seconds=0.0)
-        model.compile(optimizer=guard, loss="sparse_categorical_crossentropy", auto_scale_loss=False)
-        x = np.full((160, 6), np.nan, "float32")  # every step overflows: the scale halves each step
-        y = np.zeros(160, "int32")
-        spy = _AtEpochEnd(lambda: len(_first_logs(caplog, "guardedopt: [loss_scale_at_floor] The dynamic")))
-        with caplog.at_level(logging.WARNING):
-            model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[guardedopt.GuardCallback(), spy])
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")  # conftest resets it after the test
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dense(2, activation="softmax", dtype="float32")])
+    guard = guardedopt.GuardedOptimizer(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)), log_interval_seconds=0.0)
+    model.compile(optimizer=guard, loss="sparse_categorical_crossentropy", auto_scale_loss=False)
+    x = np.full((160, 6), np.nan, "float32")  # every step overflows: the scale halves each step
+    y = np.zeros(160, "int32")
+    spy = _AtEpochEnd(lambda: len(logged(caplog, "guardedopt: [loss_scale_at_floor] The dynamic")))
+    with caplog.at_level(logging.WARNING):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[guardedopt.GuardCallback(), spy])
     assert spy.values == [1, 1]  # 2**15 halved 16 times is below 1 within the first epoch's 20 steps
 
 

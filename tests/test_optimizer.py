@@ -11,7 +11,7 @@ import tensorflow as tf
 import guardedopt
 from guardedopt import checks
 from guardedopt import findings as F
-from helpers import LOSS, bitwise_equal, classification_data, make_step, mlp, state_of
+from helpers import LOSS, bitwise_equal, classification_data, logged, make_step, mlp, state_of
 
 MODES = ("eager", "graph", "xla")
 
@@ -24,11 +24,6 @@ class Poison:
 
     def assign(self, on: bool):
         self.factor.assign(np.float32("nan") if on else np.float32(1.0))
-
-
-def _logged(caplog, text):
-    """The messages logged so far that contain `text`."""
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 def _nan_step(model, optimizer, mode, poison):
@@ -211,7 +206,7 @@ def test_callback_puts_skips_in_logs_and_logs_once(caplog):
     assert np.isnan(history.history["loss"][-1])
     assert all(np.isfinite(w).all() for w in model.get_weights())
     assert np.isfinite(model.evaluate(x[16:], y[16:], verbose=0))
-    nan_logs = _logged(caplog, "[nonfinite_gradient]")
+    nan_logs = logged(caplog, "[nonfinite_gradient]")
     assert len(nan_logs) == 1, [r.getMessage() for r in caplog.records]
 
 
@@ -223,7 +218,7 @@ def test_none_gradients_warn_once_and_all_none_raises(caplog):
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             opt.apply(grads, model.trainable_variables + [unused])
-    warnings = _logged(caplog, "none_gradient")
+    warnings = logged(caplog, "none_gradient")
     assert len(warnings) == 1 and "unused" in warnings[0]
     assert opt.report().by_code(F.NONE_GRADIENT)[0].variables == ("unused",)
     with pytest.raises(ValueError, match="No gradient for any of the 1 variables"):
@@ -838,11 +833,11 @@ def test_end_of_fit_summary_and_rate_limited_repeats(caplog):
     model.compile(optimizer=opt, loss=LOSS)
     with caplog.at_level(logging.WARNING):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-        summary = _logged(caplog, "guardedopt summary")
+        summary = logged(caplog, "guardedopt summary")
         assert len(summary) == 1
         assert "after 4 steps (1 skipped)" in summary[0] and "nonfinite_gradient" in summary[0]
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    repeats = _logged(caplog, "still happening")
+    repeats = logged(caplog, "still happening")
     assert repeats and "(2 steps so far)" in repeats[-1]
     quiet = guardedopt.GuardedOptimizer("adam")  # default: at most once a minute
     quiet._log_once(opt.report().findings[0], count=1)
@@ -860,19 +855,19 @@ def test_check_logs_a_new_finding_at_once_and_a_persistent_one_at_its_interval(c
         for _ in range(6):  # the tiny-step finding persists on every step
             step()
             opt.check()
-        assert len(_logged(caplog, "[tiny_step] The effective step")) == 1
-        assert not _logged(caplog, "still happening")
+        assert len(logged(caplog, "[tiny_step] The effective step")) == 1
+        assert not logged(caplog, "still happening")
         poison.assign(True)  # a new finding, well within the hour since the last one
         step()
         opt.check()
-        assert len(_logged(caplog, "[nonfinite_gradient]")) == 1
+        assert len(logged(caplog, "[nonfinite_gradient]")) == 1
         poison.assign(False)
         opt.log_interval_seconds = 0.0  # a repeat is now due at every new count
         step()
         opt.check()
-    assert len(_logged(caplog, "[tiny_step] The effective step")) == 1
+    assert len(logged(caplog, "[tiny_step] The effective step")) == 1
     count = opt.report().by_code(F.TINY_STEP)[0].count
-    assert _logged(caplog, "still happening") == [
+    assert logged(caplog, "still happening") == [
         f"guardedopt: [tiny_step] still happening for {', '.join(v.path for v in model.trainable_variables)} "
         f"({count} steps so far)."
     ]
