@@ -9,19 +9,24 @@ variables:
 2. XLA transient memory: `XLA_FLAGS=--xla_dump_to=...` buffer assignment of the
    compiled `apply` step (a subprocess, so the flag takes effect). From the
    `*memory-usage-report.txt` of each module (the worker compiles while part 3
-   runs here: neither is timed, and peak RSS is per process): the "preallocated-temp"
+   runs here: neither is timed, and each process has its own allocator): the "preallocated-temp"
    allocation, i.e. the scratch memory the step needs beyond its parameters
    (variables, slots, gradients) and outputs (aliased to the variables). We
    report it in bytes and in "copies of the parameters" (temp / 4·params).
-3. Peak RSS during steps (XLA and plain `tf.function`): `VmHWM - VmRSS` after
-   resetting the high-water mark (`/proc/self/clear_refs`), for 10^7 float32
-   parameters in 1 and 10 variables (40 MB per array). It reads 0 for every
-   variant here, `nonfinite_weights="skip"` and LSO included, which do hold
-   copies (part 2), also with `MALLOC_MMAP_THRESHOLD_=131072` (glibc then
-   maps every large buffer anew): the memory the warm-up steps freed is reused
-   without growing RSS. So it shows only that no step grows the process
-   beyond its warm-up; part 2 is the measurement of transients. CPU only:
-   `tf.config.experimental.get_memory_info` does not support CPU.
+3. Peak allocator bytes during steps (XLA and plain `tf.function`): TF's
+   CPU allocator (a BFC allocator; XLA:CPU takes its temporaries from it
+   too) counts the bytes it hands out. `tf.config.experimental.
+   reset_memory_stats("CPU:0")` after two warm-up steps, then five steps;
+   the peak of `get_memory_info("CPU:0")` minus the bytes in use before
+   them is the memory the step needs beyond what the process already holds
+   (for 10^7 float32 parameters in 1 and 10 variables: 40 MB per array).
+   It sees what part 2 predicts for the compiled step, e.g. the copies of
+   `nonfinite_weights="skip"`, and what plain graphs allocate, which part 2
+   does not cover. The allocator gives a large array a whole region when
+   splitting it would leave less than the array (a 40 MB array of a fresh
+   64 MiB region counts 64 MiB), so a figure can be up to twice the
+   bytes asked for: memory the process does hold. Peak RSS, measured here before,
+   read 0 for every variant: the allocator reuses what the warm-up freed.
 
     python benchmarks/bench_memory.py
     python benchmarks/bench_memory.py --quick
@@ -50,9 +55,9 @@ flags.DEFINE_list("sizes", ["10000", "100000", "1000000", "10000000"], "Paramete
 flags.DEFINE_list("nvars", ["1", "10", "100"], "Variable counts (parts 1 and 2 at --nvars_size).")
 flags.DEFINE_integer("nvars_size", 1_000_000, "Parameter count of the variable-count sweep.")
 flags.DEFINE_list("variants", ["bare", "guard", "guard_ce10", "guard_skipw", "lso"], "Variants.")
-flags.DEFINE_integer("rss_size", 10_000_000, "Parameter count of the RSS part (0: skip it).")
+flags.DEFINE_integer("peak_size", 10_000_000, "Parameter count of part 3, peak allocator bytes (0: skip it).")
 flags.DEFINE_integer("threads", 1, "TF threads.")
-flags.DEFINE_bool("quick", False, "bare and guard only, 1e6 parameters in 1 variable, no RSS part.")
+flags.DEFINE_bool("quick", False, "bare and guard only, 1e6 parameters in 1 variable, no part 3.")
 flags.DEFINE_string("tag", "", "Suffix of the result files (results/memory<tag>.*).")
 flags.DEFINE_string("worker", "", "Internal: run the XLA-dump worker with this JSON spec.")
 
@@ -146,7 +151,7 @@ def start_part_xla(configs):
     """Starts the XLA-dump worker on `configs` and returns at once: (process, dump dir, log file).
 
     The worker compiles with one thread, so `main` runs part 3 meanwhile:
-    neither part is timed, and each process's peak RSS is its own.
+    neither part is timed, and each process's allocator is its own.
     """
     dump = tempfile.mkdtemp(prefix="guardedopt_hlo_")
     env = dict(os.environ)
@@ -187,7 +192,30 @@ def stop_part_xla(started):
 
 
 # ------------------------------------------------------------------ part 3
-def part_rss(size, nvars_list, variants):
+def allocator_bytes():
+    """(bytes in use, peak bytes in use) of TF's CPU allocator, or None if TF does not report them."""
+    import tensorflow as tf
+
+    try:
+        info = tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:  # a TF whose CPU allocator keeps no statistics
+        return None
+    return info["current"], info["peak"]
+
+
+def peak_extra_bytes(step, grads, steps=5):
+    """Peak allocator bytes during `steps` calls of `step(grads)` beyond those in use before; None if unknown."""
+    import tensorflow as tf
+
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = allocator_bytes()
+    for _ in range(steps):
+        step(grads).numpy()
+    after = allocator_bytes()
+    return None if before is None else after[1] - before[0]
+
+
+def part_peak(size, nvars_list, variants):
     import gc
 
     import keras
@@ -200,22 +228,14 @@ def part_rss(size, nvars_list, variants):
                 variables, grads = common.random_parameters(size, nvars)
                 opt = _optimizer(variant)
                 opt.build(variables)
-
-                step = tf.function(_step_fn(opt, variables, "rss_step"), jit_compile=(mode == "xla"))
-
+                step = tf.function(_step_fn(opt, variables, "peak_step"), jit_compile=(mode == "xla"))
                 for _ in range(2):
                     step(grads).numpy()
                 gc.collect()
-                before = common.vm_status("VmRSS")
-                ok = common.reset_peak_rss()
-                for _ in range(5):
-                    step(grads).numpy()
-                peak = common.vm_status("VmHWM")
-                rows.append(dict(part="rss", mode=mode, size=size, nvars=nvars, variant=variant,
-                                 rss_before=before, rss_peak=peak,
-                                 transient_bytes=(peak - before) if ok and peak and before else None,
-                                 transient_param_copies=round((peak - before) / (4 * size), 3)
-                                 if ok and peak and before else None))
+                extra = peak_extra_bytes(step, grads)
+                rows.append(dict(part="peak", mode=mode, size=size, nvars=nvars, variant=variant,
+                                 peak_extra_bytes=extra,
+                                 peak_param_copies=None if extra is None else round(extra / (4 * size), 3)))
                 del step, opt, variables, grads
                 gc.collect()
                 keras.backend.clear_session()
@@ -231,10 +251,10 @@ def main(argv):
     threads = common.configure_threads(FLAGS.threads)
     sizes = [int(float(s)) for s in FLAGS.sizes]
     nvars_list = [int(n) for n in FLAGS.nvars]
-    rss_size = FLAGS.rss_size
+    peak_size = FLAGS.peak_size
     variants = FLAGS.variants
     if FLAGS.quick:
-        sizes, nvars_list, variants, rss_size = [1_000_000], [1], ["bare", "guard"], 0
+        sizes, nvars_list, variants, peak_size = [1_000_000], [1], ["bare", "guard"], 0
     meta = dict(machine=common.machine_info(), threads=threads, argv=sys.argv, quick=FLAGS.quick)
     started = time.perf_counter()
 
@@ -242,7 +262,7 @@ def main(argv):
     configs += [(FLAGS.nvars_size, n, v) for n in nvars_list if n != 1 for v in variants]
     worker_started = start_part_xla(configs)
     try:
-        rows, text, xla_rows = _measure(worker_started, configs, sizes, nvars_list, variants, rss_size)
+        rows, text, xla_rows = _measure(worker_started, configs, sizes, nvars_list, variants, peak_size)
     finally:
         stop_part_xla(worker_started)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -253,7 +273,7 @@ def main(argv):
     print(f"\nwrote {', '.join(p for p in paths.values() if p)}  ({meta['elapsed_s']} s)")
 
 
-def _measure(worker_started, configs, sizes, nvars_list, variants, rss_size):
+def _measure(worker_started, configs, sizes, nvars_list, variants, peak_size):
     """Parts 1 and 3 here while part 2's worker compiles; returns (rows, Markdown text, part 2's rows)."""
     rows = part_state(nvars_list, [FLAGS.nvars_size])
     text = common.print_table(
@@ -268,21 +288,21 @@ def _measure(worker_started, configs, sizes, nvars_list, variants, rss_size):
         "1b. guard state vs parameter count (1 variable)")
     rows += small
 
-    rss_rows = part_rss(rss_size, [1, 10] if not FLAGS.quick else [1], variants) if rss_size else []
+    peak_rows = part_peak(peak_size, [1, 10], variants) if peak_size else []
     xla_rows = finish_part_xla(worker_started, configs)
-    rows += xla_rows + rss_rows
+    rows += xla_rows + peak_rows
     text += "\n" + common.print_table(
         ["params", "vars", "variant", "XLA temp bytes", "temp / param bytes", "total bytes"],
         [[f"{r['size']:.0e}", r["nvars"], r["variant"], f"{r['temp_bytes']:,}" if r["temp_bytes"] is not None else "-",
           r["temp_param_copies"], f"{r['total_bytes']:,}" if r["total_bytes"] else "-"] for r in xla_rows],
         "2. XLA transient memory of one apply() step (buffer assignment, preallocated temp)")
-    if rss_rows:
+    if peak_rows:
         text += "\n" + common.print_table(
-            ["mode", "params", "vars", "variant", "peak RSS increase during steps", "/ param bytes"],
+            ["mode", "params", "vars", "variant", "peak bytes beyond those held", "/ param bytes"],
             [[r["mode"], f"{r['size']:.0e}", r["nvars"], r["variant"],
-              f"{r['transient_bytes'] / 2**20:.1f} MiB" if r["transient_bytes"] is not None else "-",
-              r["transient_param_copies"]] for r in rss_rows],
-            "3. peak RSS increase over 5 steps (after warm-up)")
+              f"{r['peak_extra_bytes'] / 2**20:.1f} MiB" if r["peak_extra_bytes"] is not None else "-",
+              r["peak_param_copies"]] for r in peak_rows],
+            "3. peak of TF's CPU allocator over 5 steps (after warm-up), beyond the bytes in use before them")
     return rows, text, xla_rows
 
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -342,32 +341,6 @@ def fmt_ratio(stats) -> str:
 
 
 # --------------------------------------------------------------------- memory
-def vm_status(field: str) -> Optional[int]:
-    """A field of /proc/self/status in bytes (VmRSS, VmHWM), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0). True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # --------------------------------------------------------------------- output
 def write_rows(rows: List[Dict[str, object]], stem: str, meta: Dict[str, object]) -> Dict[str, str]:
     """Writes `rows` to RESULTS_DIR/<stem>.csv and .json (with `meta`). Returns the paths."""
