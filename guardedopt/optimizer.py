@@ -2092,6 +2092,45 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             "`.weights.h5` saved without the optimizer, or `skip_mismatch=True`)."
         )
 
+    def set_weights(self, weights) -> None:
+        """Sets every variable of `variables` from `weights`, in that order.
+
+        That is the guard's own state, the class balancer's counts and the
+        inner optimizer's variables: the list `[v.numpy() for v in
+        opt.variables]` gives. Keras' `set_weights` zips only the
+        optimizer's own variables with `weights`, so on a wrapper it set the
+        guard's counters and silently left the inner optimizer's slots and
+        iteration count as they were (Keras' `LossScaleOptimizer` does the
+        same). Nothing is assigned unless every array fits.
+
+        Args:
+            weights: One array per variable of `variables`.
+
+        Raises:
+            ValueError: The optimizer is not built, or `weights` differs from
+                `variables` in number or in a shape.
+        """
+        if not self.built:
+            return super().set_weights(weights)  # Keras' "not yet been built" error
+        weights = list(weights)
+        self._build_balancer_from({str(i): w for i, w in enumerate(weights)})
+        variables = self.variables
+        if len(weights) != len(variables):
+            raise ValueError(
+                f"`set_weights` of {self.name!r} needs {len(variables)} arrays, one per variable of "
+                f"`variables` ({len(self.inner_optimizer.variables)} of them the inner "
+                f"{type(self.inner_optimizer).__name__}'s). Received: {len(weights)} arrays."
+            )
+        for variable, weight in zip(variables, weights):
+            if tuple(variable.shape) != tuple(np.shape(weight)):
+                raise ValueError(
+                    f"`set_weights` of {self.name!r}: variable {variable.path} has shape "
+                    f"{tuple(variable.shape)}. Received: an array of shape {tuple(np.shape(weight))}."
+                )
+        for variable, weight in zip(variables, weights):
+            variable.assign(weight)
+        return None
+
     def _build_balancer_from(self, store) -> bool:
         """Builds a class balancer not built yet from a store that holds its state.
 

@@ -238,6 +238,67 @@ def test_store_of_an_older_guard_with_a_sample_table_loads():
         fresh.optimizer.load_own_variables({str(i): v for i, v in enumerate(wrong)})
 
 
+def test_set_weights_rolls_back_the_guard_and_the_inner_optimizer():
+    """`opt.set_weights([v.numpy() for v in opt.variables])` restores all of
+    the state: Keras' own zipped only the wrapper's variables with the
+    arrays, and left the inner optimizer's slots and iteration count at the
+    later step, with no error."""
+    model = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
+    guard = model.optimizer
+    weights = model.get_weights()
+    saved = [np.asarray(keras.ops.convert_to_numpy(v)) for v in guard.variables]
+    iterations = int(guard.iterations.numpy())
+    resume.train(model, clean=True)
+    later = _bits(guard.variables)
+    assert int(guard.iterations.numpy()) == 2 * iterations
+
+    model.set_weights(weights)
+    guard.set_weights(saved)
+    assert _bits(guard.variables) == _bits(saved)
+    assert int(guard.iterations.numpy()) == iterations
+    # The rolled-back optimizer repeats the second epoch bit for bit.
+    resume.train(model, clean=True)
+    assert _bits(guard.variables) == later
+
+
+def test_set_weights_with_a_wrong_count_or_shape_raises_and_assigns_nothing():
+    model = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
+    guard = model.optimizer
+    values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in guard.variables]
+    before = _bits(guard.variables)
+    with pytest.raises(ValueError, match=rf"needs {len(values)} arrays.*Received: {len(values) - 1} arrays"):
+        guard.set_weights(values[:-1])
+    reshaped = values[:-1] + [np.zeros(values[-1].shape + (2,), values[-1].dtype)]
+    with pytest.raises(ValueError, match=r"has shape .*Received: an array of shape"):
+        guard.set_weights([v + 1 for v in values[:-1]] + reshaped[-1:])
+    assert _bits(guard.variables) == before
+
+
+def test_set_weights_builds_an_online_class_balancer_for_its_counts():
+    """A guard built for loading has no balancer variables until the first
+    loss call; the arrays of a trained one (4 more) build them, as a weights
+    file does."""
+    x, y = resume.data()
+    x = np.nan_to_num(x)
+
+    def make():
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+        guard = guardedopt.GuardedOptimizer(_bare_adam(), class_weight="auto")
+        model.compile(optimizer=guard, loss=guard.weighted("sparse_categorical_crossentropy"))
+        return model
+
+    trained = make()
+    trained.fit(x, y, batch_size=resume.BATCH, epochs=1, shuffle=False, verbose=0)
+    values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in trained.optimizer.variables]
+    fresh = make()
+    fresh.optimizer.build(fresh.trainable_variables)
+    assert len(fresh.optimizer.variables) == len(values) - 4
+    fresh.optimizer.set_weights(values)
+    assert _bits(fresh.optimizer.variables) == _bits(values)
+    assert fresh.optimizer.class_balancer.counts().tolist() == trained.optimizer.class_balancer.counts().tolist()
+
+
 def test_keras_file_of_other_optimizer_raises(tmp_path):
     guarded = _trained(guardedopt.GuardedOptimizer(_bare_adam()))
     path = str(tmp_path / "adam.weights.h5")
