@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.losses.loss import squeeze_or_expand_to_same_rank
 
 from guardedopt import findings as findings_lib
 from guardedopt import validation
@@ -1132,6 +1133,10 @@ class WeightedLoss(keras.losses.Loss):
         """Unreduced losses of the wrapped loss (no class weights)."""
         if isinstance(self.loss, keras.losses.Loss):
             return self.loss.call(y_true, y_pred)
+        # As Keras' wrapper of a loss function does (a string loss in
+        # `compile`): (N,) labels against (N, 1) predictions meet in rank.
+        if hasattr(y_true, "shape") and hasattr(y_pred, "shape"):
+            y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
         return self.loss(y_true, y_pred)
 
     def get_config(self) -> Dict[str, Any]:

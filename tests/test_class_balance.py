@@ -666,6 +666,27 @@ def test_weighted_loss_value_in_a_tape():
     assert loss.balancer.labels_seen() == 64
 
 
+@pytest.mark.parametrize("loss", ["binary_crossentropy", keras.losses.binary_crossentropy])
+def test_weighted_loss_function_matches_ranks_like_keras(loss):
+    """(N,) binary labels against a (N, 1) sigmoid: Keras' `compile` accepts
+    the loss name (it wraps the function and matches the ranks); the
+    weighted name did not ("must have the same rank")."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype("float32")
+    y = (rng.random(64) < 0.25).astype("float32")
+    model = _mlp(units=1, activation="sigmoid")
+    weighted = ClassBalancer().weighted(loss)
+    with tf.GradientTape():
+        value = weighted(y, model(x))
+    per_sample = keras.losses.binary_crossentropy(y[:, None], model(x)).numpy()
+    positives = y.sum()
+    w = np.where(y > 0, 64 / (2 * positives), 64 / (2 * (64 - positives)))
+    np.testing.assert_allclose(float(value), np.mean(w * per_sample), rtol=1e-5)
+    model.compile(optimizer="adam", loss=ClassBalancer().weighted(loss))
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def test_fit_numpy_with_validation():
     """numpy arrays, validation data, jit_compile=True (Keras' default).
 
