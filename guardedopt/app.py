@@ -4,7 +4,7 @@
     guardedopt-demo --fault=missing_apply --mode=loop
     python -m guardedopt.app --fault=tiny_lr --epochs=3
 
-Trains an MLP (64 -> Dense(64, relu) -> Dense(10, softmax)) on the UCI digits
+Trains an MLP (64 -> Dense(128, relu) -> Dense(10, softmax)) on the UCI digits
 bundled with guardedopt (features scaled to [0, 1], a fixed stratified split,
 a fixed seed) with `GuardedOptimizer`, either with `model.fit` (`--mode=fit`)
 or with the classic `tf.GradientTape` + `apply_gradients` loop in a

@@ -986,6 +986,14 @@ def _loss_findings(trace: _Trace, n_batches: int, min_improvement: float, others
             f"The loss went from {start:.4g} to {end:.4g} over {trace.steps} steps on "
             f"the same {len(repeated)} batch(es) (relative change {end / start - 1:+.2%})"
         )
+    elif np.isfinite(first).any():
+        # Every batch's last loss is NaN/Inf, though it started finite: a
+        # divergence, which the mean of finite pairs above cannot see.
+        improvement = float("-inf")
+        what = (
+            f"The loss went from {float(first[np.isfinite(first)].mean()):.4g} to NaN/Inf over "
+            f"{trace.steps} steps on the same {len(repeated)} batch(es)"
+        )
     else:
         improvement = float("nan")
         what = f"The loss was NaN/Inf on every repeated batch ({trace.steps} steps)"

@@ -1066,9 +1066,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             if self._var_key(v) not in self._var_positions:
                 raise ValueError(
                     f"Unknown variable {_variable_path(v)!r}: this GuardedOptimizer was "
-                    f"built for {len(self._var_positions)} other variables. One "
-                    "optimizer guards one model: create a new GuardedOptimizer for "
-                    "each model."
+                    f"built for {len(self._var_positions)} other variables. An "
+                    "optimizer keeps the variables it was built for (Keras' own "
+                    "refuse new ones too): for another model, or after making a "
+                    "layer trainable and compiling again, create a new "
+                    "GuardedOptimizer."
                 )
 
     def _inner_apply(self, grads, variables):

@@ -3,6 +3,8 @@
 Every cause has a small real reproduction on the bundled digits.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -169,6 +171,24 @@ def test_qa_example_3_learning_rate_1e_10(digits):
     (loss,) = report.by_code(F.LOSS_NOT_DECREASING)
     assert "likely cause: suspicious_hyperparameter, tiny_step" in loss.message
     assert "learning rate" in loss.hint
+
+
+def test_a_loss_that_diverges_to_nan_is_named_a_divergence():
+    """SGD at 10 on a regression: every batch's first loss is finite, its last
+    NaN/Inf. The message said "NaN/Inf on every repeated batch"."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype("float32")
+    y = rng.normal(size=(256, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="relu"), L.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(10.0), loss="mse")
+    report = diagnose(model, (x, y))
+    losses = np.asarray(report.stats["losses"])
+    assert np.isfinite(losses[0]) and not np.isfinite(losses[-1])
+    (loss,) = report.by_code(F.LOSS_NOT_DECREASING)
+    assert re.search(r"The loss went from [0-9.e+]+ to NaN/Inf over \d+ steps", loss.message), loss.message
+    assert "every repeated batch" not in loss.message
+    assert loss.value == float("-inf")
 
 
 # ------------------------------------------------------------------ frozen

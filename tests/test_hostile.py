@@ -374,8 +374,23 @@ def test_one_guard_for_two_models_is_rejected():
     first.fit(x, y, batch_size=BATCH, verbose=0)
     second = _mlp()
     second.compile(optimizer=guard, loss="sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="One optimizer guards one model"):
+    with pytest.raises(ValueError, match="for another model, or after making a layer trainable"):
         second.fit(x, y, batch_size=BATCH, verbose=0)
+
+
+def test_unfreezing_a_layer_under_the_same_guard_says_what_to_do():
+    """Keras refuses it too ("Unknown variable"); the message names this
+    cause, not only a second model."""
+    x, y = _classification(2)
+    guard = guardedopt.GuardedOptimizer(_adam())
+    model = _mlp()
+    model.layers[0].trainable = False
+    model.compile(optimizer=guard, loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    model.layers[0].trainable = True
+    model.compile(optimizer=guard, loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"Unknown variable .*after making a layer trainable and compiling again"):
+        model.fit(x, y, batch_size=BATCH, verbose=0)
 
 
 def test_stateless_apply_explains_why():
