@@ -297,16 +297,19 @@ def _observe(model, optimizer, train_step, loss, batches, steps):
     guard_history = list(getattr(guard, "_history", [])) if guard is not None else None
     balancer = getattr(guard, "class_balancer", None)
     balancer_was_built = balancer is not None and balancer.built
-    skipped_before = _guard_skipped(guard)
+    # A built guard's report covers only the diagnosed steps (its state is in the snapshot).
+    host_record = guard._begin_diagnosis() if guard is not None and guard.built else None  # pylint: disable=protected-access
     try:
         trace = _run_steps(model, optimizer, train_step, loss, batches, steps, trainable)
         gradient_kinds = None
         if trace.changed is not None and not trace.changed.all():
             gradient_kinds = _gradient_kinds(model, train_step, loss, batches[0], trainable)
         guard_report = guard.report() if guard is not None and guard.built else None
-        skipped = _guard_skipped(guard) - skipped_before
+        skipped = _guard_skipped(guard)
     finally:
         snapshot.restore()
+        if host_record is not None:
+            guard._end_diagnosis(host_record)  # pylint: disable=protected-access
         if balancer is not None and not balancer_was_built and balancer.built:
             # Its counts were created by the diagnosed steps, after the
             # snapshot: zero them, so training starts from no labels seen.

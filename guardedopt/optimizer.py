@@ -1637,6 +1637,37 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 del self._history[-2::-2]
         return state
 
+    # Host-side bookkeeping of `_read_state`, `_may_log` and `_host_findings_due`.
+    _HOST_BOOKKEEPING = ("_last_state", "_active_when_built", "_built_at", "_host_checked_at")
+
+    def _begin_diagnosis(self) -> Dict[str, Any]:
+        """Starts the guard's state afresh for `diagnose`'s steps; returns what `_end_diagnosis` puts back.
+
+        `diagnose` snapshots every variable before its steps and assigns them
+        back after, so the state vectors come back on their own. Starting them
+        from a fresh build's values lets the report hold only what those steps
+        found, stamped with their own step numbers (not a finding of the
+        training before, as if it were theirs). The host-side log record comes
+        back too, so what the diagnosis logged is logged again when training
+        meets it.
+        """
+        saved = {key: self.__dict__[key] for key in self._HOST_BOOKKEEPING if key in self.__dict__}
+        saved["_log_times"] = dict(self._log_times)
+        _assign_all([
+            (self._guard_counters, self._counter_layout.initial(self._guard_counters.dtype)),
+            (self._guard_measurements, self._measurement_layout.initial(self._guard_measurements.dtype)),
+        ])
+        return saved
+
+    def _end_diagnosis(self, saved: Dict[str, Any]) -> None:
+        """Puts back the host-side record `_begin_diagnosis` returned."""
+        saved = dict(saved)
+        self._log_times.clear()
+        self._log_times.update(saved.pop("_log_times"))
+        for key in self._HOST_BOOKKEEPING:
+            self.__dict__.pop(key, None)
+        self.__dict__.update(saved)
+
     def _may_log(self, state) -> bool:
         """Whether `check` must build findings: one is new, or its repeat may be due.
 

@@ -3,6 +3,7 @@
 Every cause has a small real reproduction on the bundled digits.
 """
 
+import logging
 import re
 
 import keras
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from guardedopt import GuardCallback
 from guardedopt import GuardedOptimizer
 from guardedopt import data
 from guardedopt import findings as F
 from guardedopt.diagnose import (
     check_frozen_layers, check_inputs, check_labels, check_loss_activation, diagnose,
 )
+from helpers import logged
 
 L = keras.layers
 
@@ -189,6 +192,49 @@ def test_a_loss_that_diverges_to_nan_is_named_a_divergence():
     assert re.search(r"The loss went from [0-9.e+]+ to NaN/Inf over \d+ steps", loss.message), loss.message
     assert "every repeated batch" not in loss.message
     assert loss.value == float("-inf")
+
+
+def test_diagnosis_of_a_guarded_model_holds_only_its_own_steps(caplog):
+    """A guard that found a dead layer in training, then the layer fixed:
+    the diagnosis reported that `zero_gradient` from the training's steps
+    (merged from the guard's cumulative report). It now covers only the
+    diagnosed steps; after it the guard's record is as before, and what
+    the diagnosis logged is logged again when training meets it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype("float32")
+    y = rng.normal(size=(256, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    dead = keras.initializers.Constant(-100.0)
+    model = keras.Sequential([
+        keras.Input((6,)), L.Dense(8, activation="relu", bias_initializer=dead, name="h"), L.Dense(1, name="o")
+    ])
+    guard = GuardedOptimizer(keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=guard, loss="mse")
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    (trained,) = guard.report().by_code(F.ZERO_GRADIENT)
+    assert trained.last_step == 16
+
+    assert report_codes(diagnose(model, (x, y))) & {F.ZERO_GRADIENT}  # still dead: found in its own steps
+    kernel, bias = model.get_layer("h").get_weights()
+    model.get_layer("h").set_weights([kernel, np.zeros_like(bias)])
+    report = diagnose(model, (x, y))
+    assert F.ZERO_GRADIENT not in report.codes
+    (after,) = guard.report().by_code(F.ZERO_GRADIENT)
+    assert (after.first_step, after.last_step) == (trained.first_step, trained.last_step)
+    assert int(guard.guard_step.numpy()) == 16
+
+
+    # A guard whose first finding came from the diagnosis logs it again in training.
+    keras.utils.set_random_seed(0)
+    fresh = keras.Sequential([
+        keras.Input((6,)), L.Dense(8, activation="relu", bias_initializer=dead, name="h"), L.Dense(1, name="o")
+    ])
+    fresh.compile(optimizer=GuardedOptimizer(keras.optimizers.Adam(1e-3)), loss="mse")
+    with caplog.at_level(logging.WARNING):
+        assert F.ZERO_GRADIENT in diagnose(fresh, (x, y)).codes
+        caplog.clear()
+        fresh.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[GuardCallback()])
+    assert logged(caplog, "guardedopt: [zero_gradient]")
 
 
 # ------------------------------------------------------------------ frozen
