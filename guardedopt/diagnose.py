@@ -874,12 +874,16 @@ def _frozen_dynamic(trace, paths, unchanged, others_move, gradient_kinds) -> Lis
     explanations = {
         "nonzero": (
             F.FROZEN_VARIABLES,
-            f"never changed in {steps} steps {context}, although their gradient is not "
-            "0: {names}. They are left out of the variable list passed to "
-            "`apply_gradients`.",
+            f"never changed in {steps} steps {context}, although the loss's gradient "
+            "for them is not 0 (computed again through the model and the loss): "
+            "{names}. The step leaves them out of the variable list passed to "
+            "`apply_gradients`, or computes their part of the forward pass outside "
+            "its `GradientTape` (or through `tf.stop_gradient`), so that its own "
+            "gradient for them is None.",
             "pass every trainable weight: "
             "`optimizer.apply_gradients(zip(grads, model.trainable_variables))` "
-            "with `grads = tape.gradient(loss, model.trainable_variables)`",
+            "with `grads = tape.gradient(loss, model.trainable_variables)`, and run "
+            "the whole forward pass inside the `tf.GradientTape` block",
         ),
         "zero": (
             F.ZERO_GRADIENT,

@@ -275,8 +275,30 @@ def test_variables_left_out_of_apply_gradients(digits):
     (finding,) = report.findings
     assert finding.code == F.FROZEN_VARIABLES and finding.severity == F.WARNING
     assert [v.split("/")[-2:] for v in finding.variables] == [["hidden", "kernel"], ["hidden", "bias"]]
-    assert "although their gradient is not 0" in finding.message
-    assert "left out of the variable list passed to `apply_gradients`" in finding.message
+    assert "although the loss's gradient for them is not 0" in finding.message
+    assert "leaves them out of the variable list passed to `apply_gradients`" in finding.message
+
+
+def test_layer_run_outside_the_tape_is_named_among_the_causes(digits):
+    """Every variable is passed, but the first layer runs before the tape
+    opens: its gradient in the step is None. diagnose computes the gradient
+    again through the model, finds it nonzero, and said only "left out of the
+    variable list"; the message now names the tape as well."""
+    model, opt, loss_fn = mlp(), keras.optimizers.Adam(), sparse_ce()
+
+    @tf.function
+    def step(images, labels):
+        hidden = model.get_layer("hidden")(images)  # The bug: outside the tape.
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model.get_layer("out")(hidden))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    report = diagnose(model, digits, train_step=step, optimizer=opt, loss=loss_fn)
+    (finding,) = report.by_code(F.FROZEN_VARIABLES)
+    assert [v.split("/")[-2:] for v in finding.variables] == [["hidden", "kernel"], ["hidden", "bias"]]
+    assert "outside its `GradientTape`" in finding.message
+    assert "run the whole forward pass inside the `tf.GradientTape` block" in finding.hint
 
 
 # ---------------------------------------------------------- zero gradients
