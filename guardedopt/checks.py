@@ -406,10 +406,23 @@ def row_relative_steps(previous, current, sizes: Sequence[int], epsilon: float) 
     not depend on the variable's size. `sizes[r]` is the number of real
     (unpadded) entries of row `r`: the size in that floor.
     """
-    floor = tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], tf.float64)
     delta = row_norms(current - previous)
-    scale = tf.maximum(row_norms(previous), floor)
+    scale = tf.maximum(row_norms(previous), _step_floor(sizes, epsilon))
     return tf.cast(delta / scale, tf.float32)
+
+
+def rows_under_floor(previous, sizes: Sequence[int], epsilon: float) -> tf.Tensor:
+    """Per row, whether ‖previous‖ is below the ε·√size floor of `row_relative_steps`.
+
+    There the effective step is ‖Δw‖ over the floor, not over ‖w‖: a small
+    value says the step is small in absolute terms, not that it is below the
+    weights' float resolution (w + Δw does not round back to w).
+    """
+    return row_norms(previous) < _step_floor(sizes, epsilon)
+
+
+def _step_floor(sizes: Sequence[int], epsilon: float) -> tf.Tensor:
+    return tf.constant([epsilon * max(k, 1) ** 0.5 for k in sizes], tf.float64)
 
 
 def row_norms(matrix) -> tf.Tensor:

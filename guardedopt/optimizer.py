@@ -101,7 +101,10 @@ HINTS = {
     F.TINY_STEP: (
         "the weights barely move: raise the learning rate (typical Adam: 1e-4..1e-2, "
         "SGD: 1e-3..1e-1), check a learning-rate schedule that decayed to ~0, and "
-        "normalise the inputs"
+        "normalise the inputs; with a usual rate the gradient itself is tiny (a "
+        "converged fit, a vanishing gradient, or a bias before a normalization "
+        "layer, which cancels it: `use_bias=False` there), and a larger rate is "
+        "not the fix"
     ),
     F.LARGE_STEP: (
         "steps this large diverge: lower the learning rate, add warm-up or "
@@ -1504,22 +1507,25 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         def measure_values():
             sizes = [checks.sample_size(self._var_sizes[i]) for i in positions]
             ratios = checks.row_relative_steps(previous, samples_new, sizes, self.step_epsilon)
+            floored_k = checks.rows_under_floor(previous, sizes, self.step_epsilon)
             norms = norms_k if norms_k is not None else checks.sampled_l2_norms(grads)
             ratio = checks.scatter_to_slots(ratios, positions, n, -1.0)
             norm = checks.scatter_to_slots(norms, positions, n, -1.0)
-            return ratio, norm
+            return ratio, norm, checks.scatter_to_slots(floored_k, positions, n, False)
 
         if self.check_every == 1:
             measure_now = tf.constant(True)
-            ratio, norm = measure_values()
+            ratio, norm, floored = measure_values()
         else:
             measure_now = tf.equal(step % self.check_every, 0)
 
             def measure_kept():
-                ratio, norm = measure_values()
-                return checks.keep_conditional(ratio), norm
+                ratio, norm, floored = measure_values()
+                return checks.keep_conditional(ratio), norm, floored
 
-            ratio, norm = tf.cond(measure_now, measure_kept, lambda: (unmeasured, unmeasured))
+            ratio, norm, floored = tf.cond(
+                measure_now, measure_kept, lambda: (unmeasured, unmeasured, no_events)
+            )
         active = tf.logical_and(present, measure_now)
         active = tf.logical_and(active, tf.logical_not(unmeasured_step))
         # A zero gradient is reported by its own check; it is not a tiny step.
@@ -1535,8 +1541,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         moving = tf.logical_and(moving, tf.logical_and(norm > 0, tf.logical_not(sparse)))
         # A relative step below the dtype's precision rounds away in most
         # entries: w + Δw == w. Cheaper than comparing every entry, and the
-        # same verdict for the 1e-10 learning rate.
+        # same verdict for the 1e-10 learning rate. Not where the weights are
+        # below the ratio's floor (a bias near 0): nothing rounds away there.
         below = tf.logical_and(moving, ratio < tf.constant(self._resolution, tf.float32))
+        below = tf.logical_and(below, tf.logical_not(floored))
         tiny_streak = checks.update_streak(tiny_streak_old, ratio < self.min_step, moving)
         large_streak = checks.update_streak(large_streak_old, ratio > self.max_step, active)
         tiny_event = tf.logical_and(moving, tiny_streak >= self.patience)

@@ -424,6 +424,14 @@ def test_row_relative_steps_match_the_formula_on_the_real_entries():
     np.testing.assert_allclose(zero_rows, [1.0], rtol=1e-6)
 
 
+def test_rows_under_floor_are_those_the_floor_divides():
+    previous = tf.constant([[1e-9, -1e-9, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [1e-3, 1e-3, 1e-3, 1e-3]])
+    # Floors: 1e-3 * sqrt(4) = 2e-3 and 1e-3 * sqrt(2) ~ 1.41e-3 for row 2's two real entries.
+    assert checks.rows_under_floor(previous, [4, 4, 2], 1e-3).numpy().tolist() == [True, False, False]
+    assert checks.rows_under_floor(previous, [4, 4, 4], 1e-3).numpy().tolist() == [True, False, False]
+    assert checks.rows_under_floor(previous, [4, 4, 16], 1e-3).numpy().tolist() == [True, False, True]
+
+
 def test_row_norms_and_relative_steps_of_large_finite_float32_rows_do_not_overflow():
     """Diverging weights of 1e20 (finite in float32; their squares are not): a step that
     triples them is a relative step of 2, not inf/inf = NaN."""

@@ -272,6 +272,31 @@ def test_tiny_learning_rate_is_below_float32_resolution(mode):
     assert all(n >= 1 for p, n in found.details["below_resolution_steps"].items() if p in kernels)
 
 
+def test_a_bias_before_batch_normalization_is_not_called_below_resolution():
+    """Dense -> BatchNormalization with Keras' default SGD(0.01): the bias
+    sits near 1e-9 (normalization cancels it) and moves on every step. Its
+    effective step is tiny against the ε floor, but w + Δw does not round
+    back to w, which the message claimed; the kernels keep their verdict."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 3))).argmax(1)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(16, name="d1"), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.Dense(3, name="out"),
+    ])
+    guard = guardedopt.GuardedOptimizer(keras.optimizers.SGD(0.01))
+    model.compile(optimizer=guard, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+    (found,) = guard.report().by_code(F.TINY_STEP)
+    bias = model.get_layer("d1").bias
+    assert found.variables == (bias.path,)
+    assert float(np.abs(bias.numpy()).max()) < 1e-6
+    assert "rounds back" not in found.message
+    assert found.details["below_resolution_steps"] == {bias.path: 0}
+    assert "a bias before a normalization layer" in found.hint
+
+
 def _accumulating_run(learning_rate, accumulation, steps, mode):
     """A guard (patience 3) over Adam with `gradient_accumulation_steps`, after `steps` steps."""
     model = mlp()
