@@ -188,9 +188,9 @@ def diagnose(
         loss = getattr(model, "loss", None)
     _check_steps_cover_updates(steps, optimizer)
 
-    batches, x_all, y_all = _take_batches(data, batch_size, num_batches)
+    batches, x_all, y_all, weights_all = _take_batches(data, batch_size, num_batches)
     _ensure_built(model, optimizer, batches[0], compiled=train_step is None)
-    found = _static_findings(model, optimizer, loss, batches, x_all, y_all, thresholds)
+    found = _static_findings(model, optimizer, loss, batches, x_all, y_all, weights_all, thresholds)
     trace, gradient_kinds, guard_report, skipped = _observe(
         model, optimizer, train_step, loss, batches, steps
     )
@@ -273,12 +273,14 @@ def _check_training(model: Any, train_step: Any) -> None:
         )
 
 
-def _static_findings(model, optimizer, loss, batches, x_all, y_all, thresholds) -> List[F.Finding]:
+def _static_findings(model, optimizer, loss, batches, x_all, y_all, weights_all, thresholds) -> List[F.Finding]:
     """What can be seen without training: data, loss/activation, frozen layers, optimizer."""
     predictions = _probe_outputs(model, batches[0].x)
     found = check_inputs(x_all, model=model, threshold=thresholds["input_scale"])
     found += check_loss_activation(model, loss, y_all, predictions=predictions)
-    found += check_labels(y_all, loss=loss, outputs=predictions, ratio=thresholds["imbalance_ratio"])
+    found += check_labels(
+        y_all, loss=loss, outputs=predictions, ratio=thresholds["imbalance_ratio"], sample_weight=weights_all
+    )
     found += check_frozen_layers(model)
     if optimizer is not None:
         found += hyperparams.check_hyperparameters(optimizer, variable_dtype=_weights_dtype(model))
@@ -329,7 +331,7 @@ def _leading_dim(value: Any) -> Optional[int]:
 
 
 def _take_batches(data: Any, batch_size: int, num_batches: int):
-    """Returns `(batches, x_for_stats, y_for_stats)`."""
+    """Returns `(batches, x_for_stats, y_for_stats, sample_weight_for_stats)`."""
     if _looks_like_arrays(data):
         parts = tuple(data) if isinstance(data, (tuple, list)) else (data,)
         parts = parts + (None,) * (3 - len(parts))
@@ -349,10 +351,11 @@ def _take_batches(data: Any, batch_size: int, num_batches: int):
             batches.append(_Batch(bx, by, bsw, raw if len(raw) > 1 else bx))
         stat_rows = np.random.default_rng(1).permutation(n)[:_MAX_STAT_ROWS]
         x_stats = tf.nest.map_structure(functools.partial(_gather, idx=np.sort(stat_rows)), x)
-        y_stats = None if y is None else tf.nest.map_structure(
-            functools.partial(_gather, idx=np.sort(stat_rows)), y
+        y_stats, sw_stats = (
+            None if p is None else tf.nest.map_structure(functools.partial(_gather, idx=np.sort(stat_rows)), p)
+            for p in (y, sw)
         )
-        return batches, x_stats, y_stats
+        return batches, x_stats, y_stats, sw_stats
 
     if isinstance(data, tf.data.Dataset):
         iterator = iter(data.take(num_batches))
@@ -373,7 +376,11 @@ def _take_batches(data: Any, batch_size: int, num_batches: int):
         raise ValueError("`data` yielded no batches.")
     x_stats = _concat([b.x for b in batches])
     y_stats = _concat([b.y for b in batches]) if all(b.y is not None for b in batches) else None
-    return batches, x_stats, y_stats
+    sw_stats = (
+        _concat([b.sample_weight for b in batches])
+        if all(b.sample_weight is not None for b in batches) else None
+    )
+    return batches, x_stats, y_stats, sw_stats
 
 
 def _looks_like_arrays(data: Any) -> bool:
@@ -1376,7 +1383,7 @@ def _mismatch(message: str, hint: str, severity: str, **details) -> F.Finding:
 
 def check_labels(
     y: Any, *, loss: Any = None, outputs: Optional[np.ndarray] = None,
-    ratio: float = DEFAULT_IMBALANCE_RATIO,
+    ratio: float = DEFAULT_IMBALANCE_RATIO, sample_weight: Any = None,
 ) -> List[F.Finding]:
     """Checks labels: `nonfinite_input` (NaN labels) and `class_imbalance`.
 
@@ -1389,6 +1396,9 @@ def check_labels(
         loss: The loss, to tell classification from regression.
         outputs: Model outputs on a few samples (their width = number of classes).
         ratio: Majority/minority count ratio from which to report imbalance.
+        sample_weight: Per-sample weights, as `fit` takes them. The ratio is
+            then that of the weighted class masses (each class's summed
+            weights): labels already balanced by their weights are no finding.
 
     Returns:
         The findings.
@@ -1425,15 +1435,31 @@ def check_labels(
         return out
     majority, minority = int(present.max()), int(present.min())
     value = majority / minority
+    masses = _class_masses(ids, sample_weight, len(counts))
+    if masses is not None:
+        weighted = masses[counts > 0]
+        value = float(weighted.max() / weighted.min()) if weighted.min() > 0 else float("inf")
     if value < ratio:
         return out
     share = {int(c): int(n) for c, n in enumerate(counts) if n > 0}
+    if masses is None:
+        spread = (
+            f"Class counts range from {majority} (class {int(counts.argmax())}) to "
+            f"{minority} (class {int(np.flatnonzero(counts == minority)[0])}) over "
+            f"{len(ids)} labels"
+        )
+    else:
+        heavy, light = int(np.argmax(np.where(counts > 0, masses, -np.inf))), int(
+            np.argmin(np.where(counts > 0, masses, np.inf))
+        )
+        spread = (
+            f"Class masses (sample weights summed per class) range from {masses[heavy]:.4g} "
+            f"(class {heavy}) to {masses[light]:.4g} (class {light}) over {len(ids)} labels"
+        )
     out.append(F.Finding(
         code=F.CLASS_IMBALANCE,
         message=(
-            f"Class counts range from {majority} (class {int(counts.argmax())}) to "
-            f"{minority} (class {int(np.flatnonzero(counts == minority)[0])}) over "
-            f"{len(ids)} labels, a ratio of {value:.3g}: the gradient is dominated by "
+            f"{spread}, a ratio of {value:.3g}: the gradient is dominated by "
             "the majority class and the minority classes barely learn."
         ),
         hint=(
@@ -1445,9 +1471,21 @@ def check_labels(
         value=value,
         threshold=ratio,
         severity=F.WARNING,
-        details={"counts": share, "label_form": form},
+        details={"counts": share, "label_form": form, **(
+            {} if masses is None else {"masses": {c: float(masses[c]) for c in share}}
+        )},
     ))
     return out
+
+
+def _class_masses(ids: np.ndarray, sample_weight: Any, n_classes: int) -> Optional[np.ndarray]:
+    """Each class's summed sample weights, or None without one weight per label."""
+    if sample_weight is None:
+        return None
+    weights = np.asarray(_numpy(sample_weight), np.float64).reshape(-1)
+    if weights.shape != ids.shape or not np.all(np.isfinite(weights)):
+        return None
+    return np.bincount(ids, weights=weights, minlength=n_classes)
 
 
 # ------------------------------------------------------------ frozen layers

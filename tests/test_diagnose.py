@@ -390,6 +390,28 @@ def test_class_imbalance_sparse_and_one_hot(digits):
     assert check_labels(np.r_[np.zeros(100), np.ones(3)], loss="mse") == []
 
 
+def test_class_imbalance_counts_the_users_sample_weights(digits):
+    """Labels already balanced by `sample_weight` (sklearn's "balanced"
+    weights) were reported as imbalanced, with the fix "weight the classes"."""
+    x, y = digits
+    rare = np.isin(y, [5, 6, 7, 8, 9])
+    keep = ~rare | (np.random.default_rng(0).random(len(y)) < 0.05)
+    x, y = x[keep], y[keep]
+    counts = np.bincount(y)
+    balanced = (len(y) / (10 * counts))[y].astype("float32")
+    assert check_labels(y, loss="sparse_categorical_crossentropy", sample_weight=balanced) == []
+    model = mlp()
+    model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy")
+    assert F.CLASS_IMBALANCE not in diagnose(model, (x, y, balanced), steps=4).codes
+    # Weights that make it worse are measured too: the ratio of the masses.
+    heavier = np.where(rare[keep], 1.0, 2.0).astype("float32")
+    (finding,) = check_labels(y, loss="sparse_categorical_crossentropy", sample_weight=heavier)
+    masses = np.bincount(y, weights=heavier)
+    assert finding.value == pytest.approx(masses.max() / masses.min())
+    assert finding.message.startswith("Class masses (sample weights summed per class) range from")
+    assert finding.details["masses"] == {i: pytest.approx(m) for i, m in enumerate(masses)}
+
+
 # ---------------------------------------------------------- loss/activation
 def test_linear_output_with_probability_loss(digits):
     model = mlp(activation=None)
