@@ -276,7 +276,8 @@ def test_a_bias_before_batch_normalization_is_not_called_below_resolution():
     """Dense -> BatchNormalization with Keras' default SGD(0.01): the bias
     sits near 1e-9 (normalization cancels it) and moves on every step. Its
     effective step is tiny against the ε floor, but w + Δw does not round
-    back to w, which the message claimed; the kernels keep their verdict."""
+    back to w, which the message claimed (the 1e-10 test above keeps that
+    verdict for the kernels)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 6)).astype("float32")
     y = (x @ rng.normal(size=(6, 3))).argmax(1)
