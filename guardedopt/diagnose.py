@@ -1437,8 +1437,9 @@ def check_labels(
     value = majority / minority
     masses = _class_masses(ids, sample_weight, len(counts))
     if masses is not None:
-        weighted = masses[counts > 0]
-        value = float(weighted.max() / weighted.min()) if weighted.min() > 0 else float("inf")
+        seen = np.flatnonzero(counts)
+        heavy, light = int(seen[np.argmax(masses[seen])]), int(seen[np.argmin(masses[seen])])
+        value = float(masses[heavy] / masses[light]) if masses[light] > 0 else float("inf")
     if value < ratio:
         return out
     share = {int(c): int(n) for c, n in enumerate(counts) if n > 0}
@@ -1449,9 +1450,6 @@ def check_labels(
             f"{len(ids)} labels"
         )
     else:
-        heavy, light = int(np.argmax(np.where(counts > 0, masses, -np.inf))), int(
-            np.argmin(np.where(counts > 0, masses, np.inf))
-        )
         spread = (
             f"Class masses (sample weights summed per class) range from {masses[heavy]:.4g} "
             f"(class {heavy}) to {masses[light]:.4g} (class {light}) over {len(ids)} labels"

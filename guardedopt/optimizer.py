@@ -1715,17 +1715,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.__dict__["_host_checked_at"] = now  # host-side bookkeeping, like `_built_at`
         return True
 
-    def _log_host_findings(self, state) -> None:
-        """Logs the class balancer's and the loss scaler's findings (once, then rate-limited).
+    def _host_decided_findings(self, state, stats) -> List[F.Finding]:
+        """The loss scaler's and the class balancer's findings, decided on the host; `stats` gains the loss scale.
 
         Raises:
             ValueError: invalid labels were met (`ClassBalancer.check`).
         """
-        findings = self._loss_scale_findings(state, {})
+        findings = self._loss_scale_findings(state, stats)
         if self.class_balancer is not None and self.class_balancer.built:
             findings += self.class_balancer.findings(step=int(state["guard_step"]))
-        for finding in findings:
-            self._log_once(finding, count=finding.count)
+        return findings
 
     def check(self) -> None:
         """The host boundary of a custom loop: reads the guard state once.
@@ -1754,7 +1753,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             if self._may_log(state):
                 self._report_from(state, with_history=False)  # logs new findings once, then rate-limited
             elif self._host_findings_due():
-                self._log_host_findings(state)
+                for finding in self._host_decided_findings(state, {}):
+                    self._log_once(finding, count=finding.count)
             return
         report = self._report_from(state, with_history=False)
         code = EVENT_ROWS[pending - 1]
@@ -1818,9 +1818,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         """
         findings, stats = self._static_findings_and_stats()
         findings += self._step_findings(state)
-        findings += self._loss_scale_findings(state, stats)
+        findings += self._host_decided_findings(state, stats)
         if self.class_balancer is not None and self.class_balancer.built:
-            findings += self.class_balancer.findings(step=int(state["guard_step"]))
             stats["class_weights"] = self.class_balancer.class_weights()
         if with_history:
             stats["history"] = self._history_arrays()
