@@ -207,12 +207,13 @@ def peak_extra_bytes(step, grads, steps=5):
     """Peak allocator bytes during `steps` calls of `step(grads)` beyond those in use before; None if unknown."""
     import tensorflow as tf
 
+    if allocator_bytes() is None:
+        return None
     tf.config.experimental.reset_memory_stats("CPU:0")
     before = allocator_bytes()
     for _ in range(steps):
         step(grads).numpy()
-    after = allocator_bytes()
-    return None if before is None else after[1] - before[0]
+    return allocator_bytes()[1] - before[0]
 
 
 def part_peak(size, nvars_list, variants):
